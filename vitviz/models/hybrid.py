@@ -49,6 +49,7 @@ def _timm_backbone(config: HybridConfig) -> nn.Module:
         raise ConfigError(f"unknown timm model {name!r} as hybrid backbone; see timm.list_models().")
     kwargs = dict(config.timm_kwargs)
     if "vit_" in name:  # a timm hybrid ViT: keep its own backbone (e.g. vit_base_r50_s16_224's ResNetV2)
+        kwargs.setdefault("depth", 1)  # only the backbone is kept: skip building a deep encoder
         full = timm.create_model(name, pretrained=False, num_classes=0, in_chans=config.vit.in_chans,
                                  img_size=config.vit.img_size, **kwargs)
         backbone = getattr(getattr(full, "patch_embed", None), "backbone", None)

@@ -85,8 +85,10 @@ def to_timm(model: nn.Module) -> nn.Module:
         c = model.config.vit
         target = timm.create_model(
             model.config.backbone.removeprefix("timm:"), pretrained=False, img_size=c.img_size,
-            num_classes=c.num_classes, global_pool="avg" if c.pooling == "mean" else "token",
-            **model.config.timm_kwargs,
+            **{**model.config.timm_kwargs, **dict(
+                num_classes=c.num_classes, global_pool="avg" if c.pooling == "mean" else "token",
+                embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias)},
         )
     else:
         raise ConfigError("only hybrids built from a timm hybrid ViT have a timm equivalent; this one has none.")
