@@ -51,7 +51,9 @@ def timm_config(model: nn.Module) -> tuple[str, ViTConfig | ResNetConfig | Hybri
             return "vit", vit
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if not arch:
-            raise ConfigError("this timm hybrid has no pretrained_cfg['architecture']; create it with timm.create_model.")
+            raise ConfigError(
+                "this timm hybrid has no pretrained_cfg['architecture']; create it with timm.create_model."
+            )
         return "hybrid", HybridConfig(vit=vit, backbone=f"timm:{arch}")
     if isinstance(model, TimmResNet):
         return "resnet", _resnet_config(model)
@@ -291,7 +293,9 @@ def _create_pretrained(name: str, **kwargs: Any) -> nn.Module:
         "and pass pretrained_file=PATH (CLI: --pretrained-file PATH), or use pretrained=False."
     )
     if not hub_reachable():
-        raise WeightsUnavailableError(f"pretrained weights for {name!r} are not cached and the Hub is unreachable. {how}")
+        raise WeightsUnavailableError(
+            f"pretrained weights for {name!r} are not cached and the Hub is unreachable. {how}"
+        )
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # network, auth, or missing-file errors from the hub client
