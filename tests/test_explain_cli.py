@@ -1,0 +1,91 @@
+"""``vitviz explain`` on a PNG written here, with a tiny checkpoint saved here."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_explain_capture import tiny_vit
+from test_explain_methods import tiny_resnet
+
+from vitviz.explain import METHODS
+from vitviz.explain.cli import _METHODS, add_parser, main, run
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from vitviz.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("cli")
+    names = ["circle", "square", "triangle", "star", "cross"]
+    save_checkpoint(tiny_vit(), d / "vit.safetensors", class_names=names, mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_checkpoint(tiny_resnet(), d / "resnet.safetensors", class_names=names)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / "scene.png")
+    return d
+
+
+def test_cli_methods_match_the_library():
+    assert tuple(_METHODS) == tuple(METHODS)
+
+
+def test_explain_writes_png_and_npy(files, capsys):
+    out = files / "out" / "map.png"
+    code = main([str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"), "--method", "chefer",
+                 "--target", "star", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "top-5" in text and "star" in text
+    png = Image.open(out)
+    assert png.size == (224, 224)  # 32-px input enlarged 7x by default
+    saliency = np.load(out.with_suffix(".npy"))
+    assert saliency.shape == (32, 32) and saliency.dtype == np.float32
+    assert saliency.min() >= 0.0 and saliency.max() <= 1.0
+    code = main([str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"), "--method", "attention",
+                 "--layer", "-1", "--head", "1", "--query", "1,2", "--scale", "1", "--out", str(out)])
+    assert code == 0 and Image.open(out).size == (32, 32)
+
+
+def test_subparser_wiring(files):
+    parser = argparse.ArgumentParser(prog="vitviz")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["explain", str(files / "scene.png"), "--checkpoint", str(files / "resnet.safetensors"),
+                              "--method", "gradcam", "--out", str(files / "cam.png")])
+    assert args.func is run and run(args) == 0
+    assert (files / "cam.npy").exists()
+
+
+def test_a_bad_method_exits_2(files, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"), "--method", "magic",
+              "--out", str(files / "x.png")])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "rollout", "--discard-ratio", "1.5"], "discard_ratio"),
+    (["--method", "gradcam", "--fusion", "max"], "--fusion does not apply"),
+    (["--method", "chefer", "--target", "7"], "out of range"),
+    (["--method", "chefer", "--target", "hexagon"], "neither a class index"),
+    (["--method", "attention", "--layer", "9"], "out of range"),
+    (["--method", "attention", "--query", "a,b"], "--query"),
+])
+def test_bad_arguments_exit_2_without_traceback(files, capsys, extra, message):
+    code = main([str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"), *extra,
+                 "--out", str(files / "bad.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_resnet_refuses_attention_and_missing_files_are_clear(files, capsys):
+    assert main([str(files / "scene.png"), "--checkpoint", str(files / "resnet.safetensors"), "--method", "rollout",
+                 "--out", str(files / "r.png")]) == 2
+    assert "needs attention" in capsys.readouterr().err
+    assert main([str(files / "missing.png"), "--checkpoint", str(files / "vit.safetensors"),
+                 "--out", str(files / "r.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main([str(files / "scene.png"), "--model", "vit_p8_d8_32", "--out", str(files / "r.png")]) == 2
+    assert "timm:NAME" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""Raw attention: one layer's weights from the class token (or a chosen query patch) to every patch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from vitviz.errors import ExplainError
+from vitviz.explain.layout import token_layout
+from vitviz.explain.rollout import HEAD_FUSIONS, fuse_heads
+
+__all__ = ["Query", "attention_heads", "attention_map", "heads_map", "query_token", "select_layer"]
+
+Query = int | tuple[int, int] | None  # None: the class token; (row, col) or a flat index: a patch
+
+
+def select_layer(attentions: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+    """Layer ``layer`` (negative counts from the end) of captured attentions, (B, heads, N, N)."""
+    depth = len(attentions)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
+        raise ExplainError(
+            f"layer {layer!r} is out of range for a model with {depth} layers (use 0..{depth - 1} or -{depth}..-1)."
+        )
+    return attentions[layer]
+
+
+def query_token(query: Query, grid: tuple[int, int], num_prefix_tokens: int = 1) -> int:
+    """Token index of a query: the class token for None, else a patch given as (row, col) or flat index."""
+    gh, gw = grid
+    if query is None:
+        if num_prefix_tokens == 0:
+            raise ExplainError("this model has no class token; pass query=(row, col) to pick a query patch.")
+        return 0
+    if isinstance(query, bool):
+        raise ExplainError(f"query must be (row, col) or a flat patch index, got {query!r}.")
+    if isinstance(query, int):
+        if not 0 <= query < gh * gw:
+            raise ExplainError(f"query patch index {query} is out of range for a {gh}x{gw} grid (0..{gh * gw - 1}).")
+        return num_prefix_tokens + query
+    try:
+        row, col = (int(v) for v in query)
+    except (TypeError, ValueError) as err:
+        raise ExplainError(f"query must be (row, col) or a flat patch index, got {query!r}.") from err
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise ExplainError(f"query patch ({row}, {col}) is outside the {gh}x{gw} grid (rows 0..{gh - 1}, "
+                           f"cols 0..{gw - 1}).")
+    return num_prefix_tokens + row * gw + col
+
+
+def _check_head(head: int | str | None, heads: int) -> None:
+    if head is None or head in HEAD_FUSIONS:
+        return
+    if isinstance(head, bool) or not isinstance(head, int) or not -heads <= head < heads:
+        raise ExplainError(
+            f"head {head!r} is out of range: the layer has {heads} heads (use 0..{heads - 1}, or "
+            f"None/'mean'/'max'/'min' to combine them)."
+        )
+
+
+def attention_map(attentions: Sequence[torch.Tensor], grid: tuple[int, int], layer: int = -1,
+                  head: int | str | None = None, query: Query = None, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Attention of one query token to every patch, (B, gh, gw).
+
+    ``head``: a head index (negative ok), or None/"mean" for the head mean ("max"/"min" also fuse).
+    ``query``: None for the class token, else (row, col) or a flat patch index.
+    """
+    a = select_layer(attentions, layer)  # (B, heads, N, N)
+    _check_head(head, a.shape[1])
+    token = query_token(query, grid, num_prefix_tokens)
+    _check_tokens(a, grid, num_prefix_tokens)
+    if isinstance(head, int):
+        rows = a[:, head, token]  # (B, N)
+    else:
+        rows = fuse_heads(a[:, :, token:token + 1], head or "mean")[:, 0]  # (B, N)
+    return rows[:, num_prefix_tokens:].reshape(a.shape[0], *grid)  # (B, gh, gw)
+
+
+def heads_map(attentions: Sequence[torch.Tensor], grid: tuple[int, int], layer: int = -1, query: Query = None,
+              num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Every head's attention of one query token to every patch, (B, heads, gh, gw)."""
+    a = select_layer(attentions, layer)  # (B, heads, N, N)
+    token = query_token(query, grid, num_prefix_tokens)
+    _check_tokens(a, grid, num_prefix_tokens)
+    return a[:, :, token, num_prefix_tokens:].reshape(a.shape[0], a.shape[1], *grid)  # (B, heads, gh, gw)
+
+
+def attention_heads(model: nn.Module, x: torch.Tensor, layer: int = -1, query: Query = None) -> torch.Tensor:
+    """Per-head attention grid (B, heads, gh, gw) of ``model`` on ``x``: raw weights, not normalised."""
+    from vitviz.explain.capture import capture_attention
+
+    cap = capture_attention(model, x)
+    lay = token_layout(model, x.shape[-2], x.shape[-1])
+    return heads_map(cap.attentions, lay.grid, layer, query, lay.num_prefix_tokens)
+
+
+def _check_tokens(a: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> None:
+    if a.shape[-1] != num_prefix_tokens + grid[0] * grid[1]:
+        raise ExplainError(
+            f"attention over {a.shape[-1]} tokens does not match a {grid[0]}x{grid[1]} grid plus "
+            f"{num_prefix_tokens} prefix tokens."
+        )

@@ -1,0 +1,234 @@
+"""``vitviz explain``: a saliency overlay PNG and the raw map (.npy) for one image, plus top-5 predictions.
+
+    vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME [--pretrained-file F]) --method M
+        [--layer L --head H --fusion F --discard-ratio R --start-layer S --target C --query ROW,COL]
+        --out map.png
+
+The lead wires it into ``vitviz/cli.py`` with ``add_parser(subparsers)`` and ``run(args)``; it also
+runs alone as ``python -m vitviz.explain.cli``. Bad arguments print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitviz.errors import ExplainError, VitvizError
+
+__all__ = ["add_parser", "build_parser", "main", "run"]
+
+_METHODS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam")  # = vitviz.explain.METHODS (no torch import)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``explain`` subcommand to ``subparsers`` (its handler is :func:`run`)."""
+    p = subparsers.add_parser(
+        "explain", help="saliency map of one image (overlay PNG + raw .npy) and top-5 predictions",
+        description="Explain one image's prediction: writes an overlay PNG and the map as .npy next to it.",
+    )
+    _configure(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A standalone parser for ``python -m vitviz.explain.cli``."""
+    p = argparse.ArgumentParser(prog="vitviz explain",
+                                description="Explain one image's prediction: overlay PNG + raw map .npy.")
+    _configure(p)
+    return p
+
+
+def _configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image file (PNG, JPEG, WebP, BMP, GIF, TIFF)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="a vitviz checkpoint (.safetensors)")
+    src.add_argument("--model", metavar="timm:NAME",
+                     help="a timm model (pretrained weights from --pretrained-file, the local cache or the Hub)")
+    p.add_argument("--pretrained-file", metavar="F", help="safetensors weights for --model timm:NAME")
+    p.add_argument("--method", default="rollout", choices=_METHODS, help="explanation method (default: rollout)")
+    p.add_argument("--layer", type=int, help="attention: layer (default -1); gradcam: ViT block whose tokens to use")
+    p.add_argument("--head", help="attention: head index, or mean/max/min (default: mean)")
+    p.add_argument("--fusion", choices=("mean", "max", "min"), help="rollout: head fusion (default: mean)")
+    p.add_argument("--discard-ratio", type=float, help="rollout, grad-rollout: weakest weights dropped, in [0, 1)")
+    p.add_argument("--start-layer", type=int, help="rollout, grad-rollout, chefer: first layer used (default 0)")
+    p.add_argument("--target", help="class index or name to explain (default: the predicted class)")
+    p.add_argument("--query", metavar="ROW,COL", help="attention: query patch (default: the class token)")
+    p.add_argument("--out", required=True, metavar="PNG", help="overlay PNG to write; the map goes to .npy beside it")
+    p.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
+    p.add_argument("--colormap", default="jet", help="jet, viridis, inferno or gray (default: jet)")
+    p.add_argument("--scale", type=int, help="enlarge the PNG by this factor (default: to about 224 px)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``vitviz explain``; 0 on success, 2 (with one line on stderr) for bad arguments or inputs."""
+    try:
+        return _run(args)
+    except VitvizError as err:
+        print(f"vitviz explain: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"vitviz explain: error: cannot write output: {err}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m vitviz.explain.cli``."""
+    return run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vitviz.explain import METHOD_PARAMS, explain_details
+    from vitviz.explain.render import save_overlay_png
+    from vitviz.images import fit_image, open_image, preprocess
+
+    params = _method_params(args, METHOD_PARAMS[args.method])
+    if not 0.0 <= args.opacity <= 1.0:
+        raise ExplainError(f"--opacity must be in [0, 1], got {args.opacity}.")
+    if args.scale is not None and args.scale < 1:
+        raise ExplainError(f"--scale must be a positive integer, got {args.scale}.")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ExplainError(f"--out must name a .png file, got {args.out!r}.")
+    image = open_image(args.image)
+    model, size, mean, std, names = _load_model(args)
+    if "target" in params and params["target"] is not None:
+        params["target"] = _class_index(params["target"], names)
+    device = next(model.parameters()).device
+    fitted = np.asarray(fit_image(image, size))  # (S, S, 3) uint8: what the model sees
+    x = preprocess(fitted, size, mean=mean, std=std).to(device)  # (1, 3, S, S)
+    result = explain_details(model, x, args.method, **params)
+    saliency = result.maps[0].cpu().numpy().astype(np.float32)  # (S, S) in [0, 1]
+    probs = torch.softmax(result.logits[0].float(), dim=-1).cpu()
+    scale = args.scale or max(1, round(224 / size))
+    save_overlay_png(out, fitted, saliency, opacity=args.opacity, colormap=args.colormap, scale=scale)
+    npy = out.with_suffix(".npy")
+    np.save(npy, saliency)
+    _print_top5(probs, names, result.target)
+    print(f"wrote {out} (overlay, {args.method}) and {npy} (map {saliency.shape[0]}x{saliency.shape[1]}, "
+          "float32 in [0, 1])")
+    return 0
+
+
+def _method_params(args: argparse.Namespace, accepted: dict[str, Any]) -> dict[str, Any]:
+    """Parameters for the method from the flags given; a flag the method does not take is an error."""
+    given = {
+        "layer": args.layer,
+        "head": _head(args.head),
+        "head_fusion": args.fusion,
+        "discard_ratio": args.discard_ratio,
+        "start_layer": args.start_layer,
+        "target": args.target,
+        "query": _query(args.query),
+    }
+    flags = {"head_fusion": "--fusion", "discard_ratio": "--discard-ratio", "start_layer": "--start-layer"}
+    params = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in accepted:
+            flag = flags.get(key, f"--{key}")
+            takes = ", ".join(flags.get(k, f"--{k}") for k in accepted) or "no options"
+            raise ExplainError(f"{flag} does not apply to --method {args.method} (it takes {takes}).")
+        params[key] = value
+    return params
+
+
+def _head(value: str | None) -> int | str | None:
+    if value is None:
+        return None
+    if value in ("mean", "max", "min"):
+        return value
+    try:
+        return int(value)
+    except ValueError as err:
+        raise ExplainError(f"--head must be a head index or mean/max/min, got {value!r}.") from err
+
+
+def _query(value: str | None) -> int | tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+    except ValueError as err:
+        raise ExplainError(f"--query must be ROW,COL (or a flat patch index), got {value!r}.") from err
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) != 2:
+        raise ExplainError(f"--query must be ROW,COL (or a flat patch index), got {value!r}.")
+    return parts[0], parts[1]
+
+
+def _class_index(value: str, names: list[str] | None) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    if names and value in names:
+        return names.index(value)
+    known = f" known classes: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else ""
+    raise ExplainError(f"--target {value!r} is neither a class index nor a class name of this model.{known}")
+
+
+def _load_model(args: argparse.Namespace):
+    """(model in eval mode, input size, mean, std, class names or None)."""
+    if args.checkpoint:
+        if args.pretrained_file:
+            raise ExplainError("--pretrained-file goes with --model timm:NAME, not with --checkpoint.")
+        from vitviz.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.checkpoint, args.device)
+        return model, meta.img_size, meta.mean, meta.std, meta.class_names
+    import vitviz
+    from vitviz.models.timm_interop import timm_preprocessing
+
+    name = args.model
+    if not name.startswith("timm:"):
+        raise ExplainError(
+            f"--model {name!r}: give a timm model as timm:NAME (e.g. timm:vit_base_patch16_224), "
+            "or a trained vitviz model with --checkpoint PATH."
+        )
+    bare = name.removeprefix("timm:")
+    model = vitviz.create_model(name, pretrained=args.pretrained_file is None, pretrained_file=args.pretrained_file)
+    pre = timm_preprocessing(bare)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    names = None
+    if getattr(model, "num_classes", 0) == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            names = [info.index_to_description(i) for i in range(1000)]
+        except Exception:  # class names are a nicety; indices still work
+            names = None
+    img_size = getattr(getattr(model, "vit_config", None), "img_size", None) or pre["img_size"]
+    return model, img_size, pre["mean"], pre["std"], names
+
+
+def _print_top5(probs, names: list[str] | None, target) -> None:
+    k = min(5, probs.numel())
+    top = probs.topk(k)
+    print("top-5 predictions:")
+    for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
+        label = names[i] if names and i < len(names) else f"class {i}"
+        print(f"  {rank}. {label:<30} {p:.4f}  (index {i})")
+    if target is not None:
+        t = int(target[0])
+        label = names[t] if names and t < len(names) else f"class {t}"
+        print(f"explained class: {label} (index {t})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
