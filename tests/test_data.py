@@ -30,7 +30,7 @@ from vitviz.data import (
 )
 from vitviz.data.augment import _affine_matrices, _warp
 from vitviz.data.datasets import build_splits, resize_masks
-from vitviz.data.shapes import MASK_AREA_RANGE
+from vitviz.data.shapes import MASK_AREA_RANGE, SIZE_RANGE
 from vitviz.data.splits import stratified_partition, stratified_subset
 from vitviz.data.torchvision_sets import read_torchvision_set
 from vitviz.errors import ConfigError, DatasetError
@@ -87,10 +87,9 @@ def test_make_shapes_masks_cover_a_sensible_area(scenes):
     masks = scenes[2]
     area = masks.mean(axis=(1, 2))
     assert area.min() >= MASK_AREA_RANGE[0] and area.max() <= MASK_AREA_RANGE[1]
-    assert (MASK_AREA_RANGE[0], MASK_AREA_RANGE[1]) == (0.015, 0.35)
-    # The object's larger extent is 30-60 % of the side (a rotated triangle is a bit less: >= 20 %).
+    # The object's larger extent follows SIZE_RANGE (a rotated triangle spans at least 3/4 of its circle).
     extent = np.maximum(masks.any(axis=2).sum(axis=1), masks.any(axis=1).sum(axis=1)) / masks.shape[1]
-    assert extent.min() >= 0.2 and extent.max() <= 0.6 + 1 / 32
+    assert extent.min() >= 0.75 * SIZE_RANGE[0] and extent.max() <= SIZE_RANGE[1] + 2 / 32
 
 
 def test_make_shapes_mask_is_the_object(scenes):
