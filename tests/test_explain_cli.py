@@ -89,3 +89,16 @@ def test_resnet_refuses_attention_and_missing_files_are_clear(files, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main([str(files / "scene.png"), "--model", "vit_p8_d8_32", "--out", str(files / "r.png")]) == 2
     assert "timm:NAME" in capsys.readouterr().err
+
+
+def test_vitviz_explain_through_the_main_cli(files, capsys):
+    from vitviz.cli import main as vitviz_main
+
+    out = files / "main" / "rollout.png"
+    code = vitviz_main(["explain", str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"),
+                        "--method", "rollout", "--fusion", "max", "--out", str(out)])
+    assert code == 0 and out.exists() and out.with_suffix(".npy").exists()
+    code = vitviz_main(["explain", str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"),
+                        "--method", "rollout", "--discard-ratio", "1.5", "--out", str(out)])
+    assert code == 2
+    assert "discard_ratio" in capsys.readouterr().err
