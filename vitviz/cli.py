@@ -1,4 +1,4 @@
-"""The ``vitviz`` command line: ``train``, ``evaluate``, ``compare`` and ``models`` / ``datasets``.
+"""The ``vitviz`` command line: ``train``, ``evaluate``, ``compare``, ``explain`` and ``models`` / ``datasets``.
 
 Every user mistake ends as one ``error: ...`` line on stderr saying what to do, never a traceback:
 exit status 2 for bad arguments and input files (as argparse's own usage errors), 1 for a run that
@@ -133,6 +133,43 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
         raise ConfigError(f"missing {', '.join(missing)}: a new run needs a model, a dataset and a number of epochs.")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in {**base, **given}.items() if k in fields})
+
+
+def train_command(config: Any, *, out: str | None = None) -> str:
+    """The shortest ``vitviz train`` command line that reproduces ``config`` (flags that differ from defaults).
+
+    ``out`` replaces the run directory; run-control flags (resume, overwrite, stop_after, progress) are left out.
+    """
+    import shlex
+
+    from vitviz.training import TrainConfig
+
+    skip = {"out", "resume", "overwrite", "stop_after", "progress"}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    data = config.to_dict()
+    parts = ["vitviz", "train"]
+    for _, name, typ, _ in _TRAIN_FLAGS:
+        value = data[name]
+        if name in skip or (name in defaults and _same(value, defaults[name])):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, ",".join(str(v) for v in value)]
+        else:
+            parts += [flag, str(value)]
+    for key, value in data["model_args"].items():
+        parts += ["--model-arg", f"{key}={json.dumps(value)}"]
+    parts += ["--out", out if out is not None else data["out"]]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    return value == default
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

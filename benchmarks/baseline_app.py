@@ -1,0 +1,18 @@
+"""Baseline for bench_dashboard.py: a page that only draws the uploaded image with plotly.
+
+Its time from upload to drawn image is mostly plotly's first load in a fresh page; the dashboard's
+upload-to-overlay time is reported as a ratio to it.
+"""
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+st.set_page_config(page_title="baseline: image only", layout="wide")
+upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"],
+                          key="upload")
+if upload is not None:
+    image = np.asarray(Image.open(upload).convert("RGB"))
+    st.caption(f"{upload.name} · {image.shape[1]}×{image.shape[0]} px")
+    st.plotly_chart(go.Figure(go.Image(z=image)), key="image")

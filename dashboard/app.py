@@ -1,0 +1,36 @@
+"""vitviz dashboard: ``streamlit run dashboard/app.py`` from the repository root.
+
+Run it from the repository root so that Streamlit reads ``.streamlit/config.toml`` there (headless,
+no usage statistics, no file watcher — the watcher trips over ``torch.classes``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+st.set_page_config(page_title="vitviz — what Vision Transformers see", page_icon=":material/blur_on:", layout="wide")
+
+if st.get_option("server.fileWatcherType") != "none":
+    # Started without the repository's .streamlit/config.toml: keep the module watcher away from
+    # torch.classes, whose __path__ it cannot read (run from the root, or `python -m dashboard`).
+    import torch
+
+    torch.classes.__path__ = []
+
+HERE = Path(__file__).parent
+PAGES = [
+    st.Page(HERE / "pages" / "explore.py", title="Explore", icon=":material/visibility:", default=True),
+    st.Page(HERE / "pages" / "embeddings.py", title="Embeddings", icon=":material/grid_view:"),
+    st.Page(HERE / "pages" / "compare.py", title="Compare", icon=":material/compare:"),
+]
+
+# Each page draws the sidebar itself (ui.sidebar()), so a page script works on its own too: AppTest
+# re-runs only the page file on reruns when the pages live in a folder named pages/.
+st.navigation(PAGES, position="top").run()

@@ -1,0 +1,654 @@
+"""Glue between the vitviz package and the Streamlit dashboard: plain Python and numpy, no Streamlit.
+
+The dashboard's pages read widgets, call these helpers and the package, and render figures. What
+lives here is bookkeeping the pages would otherwise repeat: finding checkpoints in a folder (and
+saying why a file is unusable), describing a model in one line, turning metrics into table rows,
+bundled sample images, the patch grid a click on the image maps to, and the bytes of downloads.
+Nothing here imports Streamlit, so all of it is testable without a browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vitviz.errors import VitvizError
+
+__all__ = [
+    "FAMILY_LABELS",
+    "CheckpointEntry",
+    "ModelInfo",
+    "Sample",
+    "accuracy_rows",
+    "bytes_digest",
+    "confusion_of",
+    "curve_metrics",
+    "clicked_patch",
+    "colour_maps",
+    "dataset_images",
+    "dataset_samples",
+    "default_sample",
+    "download_stem",
+    "drop_empty_columns",
+    "checkpoint_info",
+    "curves_of",
+    "faithfulness_row",
+    "fit_mask",
+    "folder_fingerprint",
+    "load_sample",
+    "map_to_csv",
+    "map_to_npy",
+    "metric",
+    "metrics_rows",
+    "params_key",
+    "overlay_png_bytes",
+    "patch_centres",
+    "peak",
+    "point_to_patch",
+    "read_results",
+    "short_name",
+    "predict_proba",
+    "sample_names",
+    "scan_checkpoints",
+    "summarise_faithfulness",
+    "thumbnail",
+    "timm_info",
+    "topk",
+    "transformer_dims",
+]
+
+FAMILY_LABELS = {"vit": "ViT", "hybrid": "Hybrid (ResNet→ViT)", "resnet": "ResNet"}
+FAMILY_ORDER = {"vit": 0, "hybrid": 1, "resnet": 2}
+MAX_CHECKPOINTS = 200  # files listed per folder; a folder with more is probably not a checkpoint folder
+# Listed in a folder: vitviz checkpoints, and PyTorch files people keep next to them (shown as unusable,
+# with the reason: vitviz never unpickles).
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+# --------------------------------------------------------------------------------------------------
+# models: what the dashboard knows about one model, whatever its source
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything a page needs to know about a loaded model besides the module itself."""
+
+    key: str  # stable cache key: changes when the file changes
+    label: str  # what the user sees, e.g. "vit_shapes.safetensors — ViT · shapes"
+    source: str  # "checkpoint" | "timm"
+    family: str  # "vit" | "hybrid" | "resnet"
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    dataset: str | None = None
+    path: str | None = None
+    metrics: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    extra: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    train_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS.get(self.family, self.family)
+
+    @property
+    def has_attention(self) -> bool:
+        """ViTs and hybrids have attention maps; ResNets do not."""
+        return self.family in ("vit", "hybrid")
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One ``.safetensors`` file of a folder: its metadata, or why it cannot be used."""
+
+    path: str
+    name: str
+    mtime_ns: int
+    size: int
+    meta: Any = field(default=None, compare=False, hash=False)  # CheckpointMeta when usable
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None
+
+    @property
+    def key(self) -> str:
+        return f"ckpt:{self.path}:{self.mtime_ns}:{self.size}"
+
+    @property
+    def label(self) -> str:
+        stem = Path(self.name).stem
+        if not self.usable:
+            return f"{self.name} — unusable"
+        meta = self.meta
+        parts = [FAMILY_LABELS.get(meta.family, meta.family)]
+        if meta.dataset:
+            parts.append(str(meta.dataset))
+        acc = _metric(meta.metrics, "test_accuracy")
+        acc = acc if acc is not None else _metric(meta.metrics, "accuracy")
+        if acc is not None:
+            parts.append(f"{100 * acc:.1f} % test acc.")
+        return f"{stem} — {' · '.join(parts)}"
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:
+    """(name, mtime_ns, size) of the checkpoint-like files in ``folder``: a cache key that changes with them."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return ()
+    out = []
+    try:
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+        for p in files[:MAX_CHECKPOINTS]:
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((p.name, st.st_mtime_ns, st.st_size))
+    except OSError:
+        return ()
+    return tuple(out)
+
+
+def scan_checkpoints(folder: str | os.PathLike) -> list[CheckpointEntry]:
+    """Read the metadata of every checkpoint-like file in ``folder`` (not recursive, at most 200).
+
+    A file that is not a usable vitviz checkpoint is listed with its reason, never raised: one bad
+    file in a user's folder must not hide the good ones. Ordered ViT, hybrid, ResNet (shapes models
+    first within a family, then by dataset and name); unusable files last.
+    """
+    from vitviz.checkpoint import read_checkpoint_meta
+
+    root = Path(folder).expanduser()
+    entries = []
+    for name, mtime_ns, size in folder_fingerprint(root):
+        path = root / name
+        try:
+            meta, error = read_checkpoint_meta(path), None
+        except VitvizError as err:
+            meta, error = None, str(err)
+        except Exception as err:  # a damaged file can surprise any parser; say so rather than crash
+            meta, error = None, f"{path} could not be read ({type(err).__name__}: {err})."
+        entries.append(CheckpointEntry(str(path), name, mtime_ns, size, meta, error))
+
+    def order(e: CheckpointEntry) -> tuple:
+        if not e.usable:
+            return (1, 99, True, "", e.name)
+        dataset = str(e.meta.dataset or "")
+        # ViTs first (the first is the default model), and shapes first: its scenes carry object masks.
+        return (0, FAMILY_ORDER.get(e.meta.family, 9), dataset != "shapes", dataset, e.name)
+
+    return sorted(entries, key=order)
+
+
+def checkpoint_info(entry: CheckpointEntry, meta: Any = None) -> ModelInfo:
+    """A :class:`ModelInfo` for a usable checkpoint entry (``meta`` defaults to the entry's)."""
+    meta = meta if meta is not None else entry.meta
+    n = meta.num_classes
+    names = tuple(meta.class_names) if meta.class_names else tuple(f"class {i}" for i in range(n))
+    return ModelInfo(
+        key=entry.key, label=entry.label, source="checkpoint", family=meta.family, img_size=int(meta.img_size),
+        mean=tuple(meta.mean), std=tuple(meta.std), class_names=names, dataset=meta.dataset, path=entry.path,
+        metrics=meta.metrics, extra=meta.extra, train_config=meta.train_config,
+    )
+
+
+def timm_info(name: str, family: str, pretrained: bool, preprocessing: Mapping[str, Any], num_classes: int,
+              pretrained_file: str | None = None) -> ModelInfo:
+    """A :class:`ModelInfo` for ``timm:<name>``; ImageNet class names when it has 1000 outputs."""
+    names: tuple[str, ...] = tuple(f"class {i}" for i in range(num_classes))
+    if num_classes == 1000:
+        try:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            names = tuple(info.index_to_description(i).split(",")[0] for i in range(1000))
+        except Exception:  # class names are a nicety; never a reason to refuse a model
+            pass
+    weights = "pretrained" if pretrained or pretrained_file else "random weights"
+    return ModelInfo(
+        key=f"timm:{name}:{weights}:{pretrained_file or ''}", label=f"timm:{name} ({weights})", source="timm",
+        family=family, img_size=int(preprocessing["img_size"]), mean=tuple(preprocessing["mean"]),
+        std=tuple(preprocessing["std"]), class_names=names, dataset="imagenet" if pretrained else None,
+    )
+
+
+def _metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
+    if not metrics:
+        return None
+    value = metrics.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def metric(info: ModelInfo, name: str) -> float | None:
+    """A test metric of a checkpoint: ``test_<name>`` as ``vitviz train`` writes it, or plain ``<name>``."""
+    return _metric(info.metrics, f"test_{name}") if _metric(info.metrics, f"test_{name}") is not None \
+        else _metric(info.metrics, name)
+
+
+def short_name(info: ModelInfo) -> str:
+    return Path(info.path).stem if info.path else info.label
+
+
+def metrics_rows(infos: Iterable[ModelInfo]) -> list[dict[str, Any]]:
+    """One table row per model: family, dataset, input, test accuracy and macro precision / recall / F1 (in %)."""
+    rows = []
+    for info in infos:
+        row: dict[str, Any] = {"Model": short_name(info), "Family": info.family_label,
+                               "Dataset": info.dataset or "—", "Input": f"{info.img_size}×{info.img_size}"}
+        for key, title in (("accuracy", "Accuracy %"), ("macro_precision", "Macro precision %"),
+                           ("macro_recall", "Macro recall %"), ("macro_f1", "Macro F1 %")):
+            v = metric(info, key)
+            row[title] = None if v is None else round(100 * v, 2)
+        params = _metric(info.extra, "num_params") or _metric(info.metrics, "num_params")
+        row["Parameters"] = None if params is None else (f"{params / 1e6:.2f} M" if params >= 1e5
+                                                         else f"{int(params):,}")
+        secs = _metric(info.metrics, "train_time_s") or _metric(info.extra, "train_time_s")
+        row["Train time"] = None if secs is None else f"{secs:.0f} s"
+        rows.append(row)
+    return rows
+
+
+def drop_empty_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without the columns that are None in every row (e.g. no checkpoint recorded its training time)."""
+    keep = [k for k in (rows[0] if rows else {}) if any(r.get(k) is not None for r in rows)]
+    return [{k: r.get(k) for k in keep} for r in rows]
+
+
+def accuracy_rows(infos: Iterable[ModelInfo]) -> list[dict[str, Any]]:
+    """Rows for ``vitviz.plots.training.accuracy_bars`` (models with both numbers only)."""
+    out = []
+    for info in infos:
+        acc, f1 = metric(info, "accuracy"), metric(info, "macro_f1")
+        if acc is not None and f1 is not None:
+            out.append({"name": short_name(info), "family": info.family, "test_accuracy": acc,
+                        "test_macro_f1": f1})
+    return out
+
+
+def curves_of(info: ModelInfo) -> list[dict[str, Any]]:
+    """Per-epoch log rows stored with a checkpoint (``extra['curves']``, as ``vitviz train`` writes them)."""
+    for holder in (info.extra or {}, info.metrics or {}):
+        curves = holder.get("curves") if isinstance(holder, Mapping) else None
+        if isinstance(curves, Sequence) and curves and all(isinstance(r, Mapping) for r in curves):
+            return [dict(r) for r in curves]
+        if isinstance(curves, Mapping) and curves:  # columns {metric: [values]} -> rows
+            cols = {k: list(v) for k, v in curves.items() if isinstance(v, (list, tuple))}
+            n = max((len(v) for v in cols.values()), default=0)
+            rows = [{k: v[i] for k, v in cols.items() if i < len(v)} for i in range(n)]
+            for i, r in enumerate(rows):
+                r.setdefault("epoch", i + 1)
+            return rows
+    return []
+
+
+def curve_metrics(curves: Iterable[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """Numeric metrics present in some log rows, validation accuracy first."""
+    seen: dict[str, None] = {}
+    for rows in curves:
+        for r in rows:
+            for k, v in r.items():
+                if k not in ("epoch", "elapsed_s", "cpu_s", "step", "global_step") and isinstance(v, (int, float)) \
+                        and not isinstance(v, bool):
+                    seen.setdefault(k, None)
+    order = ["val_accuracy", "val_macro_f1", "val_loss", "train_loss", "train_accuracy"]
+    return sorted(seen, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
+def confusion_of(info: ModelInfo) -> list[list[int]] | None:
+    """The test confusion matrix stored with a checkpoint, if any."""
+    for holder, key in ((info.extra, "test_confusion_matrix"), (info.metrics, "test_confusion_matrix"),
+                        (info.metrics, "confusion_matrix"), (info.extra, "confusion_matrix")):
+        cm = holder.get(key) if isinstance(holder, Mapping) else None
+        if isinstance(cm, Sequence) and cm and all(isinstance(r, Sequence) for r in cm):
+            return [list(r) for r in cm]
+    return None
+
+
+def read_results(folder: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
+    """Summaries written by ``vitviz compare`` (``results.json`` with ``rows``) under ``folder``, newest first.
+
+    Looks at ``folder/*.json`` and ``folder/*/results.json``; ``kind`` (e.g. "data-efficiency") filters.
+    Unreadable files are skipped: results are a nicety, never a reason for an error.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        return []
+    found = []
+    for path in [*root.glob("*.json"), *root.glob("*/results.json")]:
+        try:
+            data = json.loads(path.read_text())
+            mtime = path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            continue
+        if kind is not None and data.get("kind") != kind:
+            continue
+        found.append((mtime, {**data, "path": str(path)}))
+    return [d for _, d in sorted(found, key=lambda t: -t[0])]
+
+
+def summarise_faithfulness(fractions: np.ndarray, deletion: np.ndarray, insertion: np.ndarray,
+                           deletion_auc: np.ndarray, insertion_auc: np.ndarray, hits: np.ndarray | None = None,
+                           ious: np.ndarray | None = None) -> dict[str, Any]:
+    """Batch results of deletion/insertion (and localisation) reduced to means over the images."""
+    out: dict[str, Any] = {
+        "fractions": np.asarray(fractions, dtype=np.float64),
+        "deletion": np.asarray(deletion, dtype=np.float64).reshape(-1, len(fractions)).mean(axis=0),
+        "insertion": np.asarray(insertion, dtype=np.float64).reshape(-1, len(fractions)).mean(axis=0),
+        "deletion_auc": float(np.mean(deletion_auc)),
+        "insertion_auc": float(np.mean(insertion_auc)),
+        "images": int(np.asarray(deletion_auc).size),
+    }
+    if hits is not None:
+        out["pointing_game"] = float(np.mean(np.asarray(hits, dtype=np.float64)))
+    if ious is not None:
+        out["mask_iou"] = float(np.mean(ious))
+    return out
+
+
+def faithfulness_row(model: str, family: str, method: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of the faithfulness table."""
+    row = {"Model": model, "Family": family, "Method": method,
+           "Deletion AUC ↓": round(result["deletion_auc"], 4), "Insertion AUC ↑": round(result["insertion_auc"], 4)}
+    if "pointing_game" in result:
+        row["Pointing game ↑"] = round(100 * result["pointing_game"], 1)
+        row["Mask IoU ↑"] = round(result["mask_iou"], 3)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# predictions
+
+
+def transformer_dims(model: Any) -> tuple[int, int] | None:
+    """(depth, heads) of a ViT or hybrid's encoder; None for models without attention (ResNets)."""
+    cfg = getattr(model, "vit_config", None)
+    if cfg is not None:
+        return int(cfg.depth), int(cfg.num_heads)
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and len(blocks) and hasattr(blocks[0], "attn"):
+        return len(blocks), int(blocks[0].attn.num_heads)
+    return None
+
+
+def predict_proba(model: Any, x: Any) -> np.ndarray:
+    """Class probabilities (B, classes) of a batch, as float64 numpy (softmax of the logits)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+
+def topk(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float, int]]:
+    """The ``k`` most probable classes of one probability vector: (name, probability, index), best first."""
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    k = max(1, min(int(k), p.size))
+    idx = np.argsort(-p, kind="stable")[:k]
+    return [(class_names[i] if i < len(class_names) else f"class {i}", float(p[i]), int(i)) for i in idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# sample images that ship with vitviz and scikit-learn (no network)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A bundled image: uint8 RGB pixels, the object mask for shapes scenes, and its true label."""
+
+    name: str
+    kind: str  # "shapes" | "digits" | "photo"
+    image: np.ndarray = field(compare=False, hash=False)  # (H, W, 3) uint8
+    mask: np.ndarray | None = field(default=None, compare=False, hash=False)  # (H, W) bool
+    label: str | None = None
+
+
+SHAPES_SAMPLE_SEED = 20_250_101  # not a training seed: scenes no model was trained on
+SHAPES_SAMPLE_SIZE = 64
+DIGIT_SAMPLE_SIZE = 32
+PHOTOS = ("china.jpg", "flower.jpg")
+
+
+def sample_names() -> list[str]:
+    """Names of the bundled samples, shapes first (they carry masks), then digits, then photos."""
+    from vitviz.data.shapes import SHAPE_CLASSES
+
+    return (
+        [f"shapes · {c}" for c in SHAPE_CLASSES]
+        + [f"digits · {d}" for d in range(10)]
+        + [f"photo · {Path(p).stem}" for p in PHOTOS]
+    )
+
+
+def default_sample(dataset: str | None) -> str:
+    """The sample that suits a model trained on ``dataset`` (a shapes scene unless it knows digits or photos)."""
+    if dataset and "digit" in str(dataset).lower():
+        return "digits · 3"
+    if dataset and str(dataset).lower() in ("imagenet", "photo", "photos"):
+        return "photo · flower"
+    return "shapes · star"
+
+
+def sample_kind(name: str) -> str:
+    return name.split(" · ", 1)[0]
+
+
+def load_sample(name: str) -> Sample:
+    """Render or read one bundled sample by name (see :func:`sample_names`)."""
+    kind, _, what = name.partition(" · ")
+    if kind == "shapes":
+        from vitviz.data.shapes import SHAPE_CLASSES, make_shapes
+
+        if what not in SHAPE_CLASSES:
+            raise KeyError(name)
+        cls = SHAPE_CLASSES.index(what)
+        images, labels, masks = make_shapes(2 * len(SHAPE_CLASSES), seed=SHAPES_SAMPLE_SEED,
+                                            img_size=SHAPES_SAMPLE_SIZE)
+        i = int(np.flatnonzero(labels == cls)[0])
+        return Sample(name, kind, images[i], masks[i], what)
+    if kind == "digits":
+        digit = int(what)
+        images, labels = _digit_test_images()
+        i = int(np.flatnonzero(labels == digit)[0])
+        gray = Image.fromarray(images[i]).resize((DIGIT_SAMPLE_SIZE, DIGIT_SAMPLE_SIZE), Image.Resampling.BILINEAR)
+        return Sample(name, kind, np.asarray(gray.convert("RGB")), None, what)
+    if kind == "photo":
+        from vitviz.images import open_image
+
+        path = sklearn_image_dir() / f"{what}.jpg"
+        return Sample(name, kind, np.asarray(open_image(path)), None, None)
+    raise KeyError(name)
+
+
+def dataset_images(dataset: str | None, n: int) -> list[np.ndarray]:
+    """``n`` bundled uint8 RGB images like a model's training data (shapes scenes, digits, else a mix)."""
+    kind = str(dataset or "").lower()
+    if "digit" in kind:
+        images, _ = _digit_test_images()
+        return [np.asarray(Image.fromarray(images[i % len(images)]).resize(
+            (DIGIT_SAMPLE_SIZE, DIGIT_SAMPLE_SIZE), Image.Resampling.BILINEAR).convert("RGB")) for i in range(n)]
+    from vitviz.data.shapes import make_shapes
+
+    scenes = list(make_shapes(n, seed=SHAPES_SAMPLE_SEED, img_size=SHAPES_SAMPLE_SIZE)[0])
+    if "shape" in kind or n < 4:
+        return scenes
+    photos = [load_sample(f"photo · {Path(p).stem}").image for p in PHOTOS]
+    return (photos + scenes)[:n]
+
+
+def dataset_samples(dataset: str | None) -> list[str]:
+    """Sample names that suit a model trained on ``dataset`` (all of them when it is unknown)."""
+    names = sample_names()
+    kind = str(dataset or "").lower()
+    for key in ("shapes", "digits"):
+        if key in kind:
+            return [n for n in names if sample_kind(n) == key]
+    return names
+
+
+def _digit_test_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits of vitviz's fixed test split (8x8 uint8, ink bright) and their labels."""
+    from sklearn.datasets import load_digits
+
+    from vitviz.data.datasets import SPLIT_SEED, TRAIN_VAL_TEST
+    from vitviz.data.splits import stratified_partition
+
+    bunch = load_digits()
+    labels = bunch.target.astype(np.int64)
+    test = stratified_partition(labels, TRAIN_VAL_TEST, SPLIT_SEED)[2]
+    gray = np.rint(bunch.images[test] * (255.0 / 16.0)).astype(np.uint8)
+    return gray, labels[test]
+
+
+def sklearn_image_dir() -> Path:
+    """Folder of scikit-learn's bundled sample photos, found without importing scikit-learn (slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-learn is not installed; its sample photos are unavailable.")
+    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images"
+
+
+def fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Crop and resize a bool mask exactly as :func:`vitviz.images.fit_image` does its image.
+
+    The centred square is resampled bilinearly and kept where at least half covered, as
+    ``vitviz.data`` resizes masks, so the mask lines up with the pixels the model sees.
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    h, w = m.shape
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    img = Image.fromarray(m, mode="F")
+    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    return np.asarray(out) >= 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# patches: where a click on the image lands
+
+
+def patch_centres(grid: tuple[int, int], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel centres (x, y) of every patch of a ``grid`` over a ``size``-pixel square, and their (row, col).
+
+    Points are listed row-major, so point ``i`` is patch ``(i // cols, i % cols)``.
+    """
+    rows, cols = int(grid[0]), int(grid[1])
+    ph, pw = size / rows, size / cols
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return (c.ravel() + 0.5) * pw - 0.5, (r.ravel() + 0.5) * ph - 0.5, r.ravel(), c.ravel()
+
+
+def point_to_patch(x: float, y: float, grid: tuple[int, int], size: int) -> tuple[int, int]:
+    """The (row, col) of the patch containing pixel (x, y) (clamped into the grid)."""
+    rows, cols = int(grid[0]), int(grid[1])
+    r = int(np.clip(math.floor((y + 0.5) * rows / size), 0, rows - 1))
+    c = int(np.clip(math.floor((x + 0.5) * cols / size), 0, cols - 1))
+    return r, c
+
+
+def clicked_patch(points: Sequence[Mapping[str, Any]], grid: tuple[int, int]) -> tuple[int, int] | None:
+    """The (row, col) a plotly click selected, from the ``customdata`` of the first patch marker in ``points``.
+
+    Streamlit hands an array's items over as ``{"0": row, "1": col}``; lists work too. Anything
+    outside the grid, or a point of another trace (no customdata), is ignored.
+    """
+    for p in points or []:
+        data = p.get("customdata") if isinstance(p, Mapping) else None
+        if isinstance(data, Mapping):
+            data = [data.get("0"), data.get("1")]
+        if isinstance(data, (list, tuple)) and len(data) >= 2 and None not in data[:2]:
+            try:
+                r, c = int(data[0]), int(data[1])
+            except (TypeError, ValueError):
+                continue
+            if 0 <= r < grid[0] and 0 <= c < grid[1]:
+                return r, c
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# maps and downloads
+
+
+def colour_maps() -> list[str]:
+    """Colour maps shared by the figures and the PNG renderer (so a download looks like the screen)."""
+    from vitviz.explain.render import COLORMAPS
+
+    return list(COLORMAPS)
+
+
+def peak(saliency: np.ndarray) -> tuple[int, int]:
+    """(row, col) of a map's maximum: the first in raster order, as the pointing game takes it."""
+    a = np.asarray(saliency)
+    r, c = np.unravel_index(int(np.argmax(a)), a.shape)
+    return int(r), int(c)
+
+
+def thumbnail(image: np.ndarray, max_side: int = 320) -> np.ndarray:
+    """A copy of ``image`` no larger than ``max_side`` pixels per side, for display (never upscaled)."""
+    img = Image.fromarray(np.asarray(image))
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
+def display_scale(size: int, target: int = 448) -> int:
+    """Integer factor that brings a ``size``-pixel square to about ``target`` pixels (at least 1)."""
+    return max(1, int(round(target / max(1, size))))
+
+
+def overlay_png_bytes(image: np.ndarray, saliency: np.ndarray, opacity: float, colormap: str,
+                      mask: np.ndarray | None = None, point: tuple[int, int] | None = None) -> bytes:
+    """The overlay as PNG bytes, enlarged (nearest) so small model inputs stay crisp."""
+    from vitviz.explain.render import overlay_png
+
+    return overlay_png(image, saliency, opacity=opacity, colormap=colormap, mask=mask, point=point,
+                       scale=display_scale(int(np.asarray(image).shape[0])))
+
+
+def download_stem(image_name: str, method: str) -> str:
+    """A file-name stem like ``vitviz_star_chefer`` from an image name and a method."""
+    base = Path(str(image_name)).stem.split(" · ")[-1]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in f"{base}_{method}")
+    return f"vitviz_{safe.strip('_')[:80] or 'map'}"
+
+
+def map_to_csv(saliency: np.ndarray) -> bytes:
+    """A 2-D map as CSV text (one image row per line, 6 significant digits)."""
+    buf = io.StringIO()
+    np.savetxt(buf, np.asarray(saliency, dtype=np.float64), delimiter=",", fmt="%.6g")
+    return buf.getvalue().encode()
+
+
+def map_to_npy(saliency: np.ndarray) -> bytes:
+    """A map as ``.npy`` bytes (``np.load`` reads it back; no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(saliency, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def bytes_digest(data: bytes) -> str:
+    """A short content hash: the cache key of an uploaded image."""
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def params_key(params: Mapping[str, Any]) -> str:
+    """A stable, hashable text of explanation parameters (for cache keys and file names)."""
+    return json.dumps({k: params[k] for k in sorted(params)}, default=str, separators=(",", ":"))
