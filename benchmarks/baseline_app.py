@@ -1,7 +1,8 @@
 """Baseline for bench_dashboard.py: a page that only draws the uploaded image with plotly.
 
 Its time from upload to drawn image is mostly plotly's first load in a fresh page; the dashboard's
-upload-to-overlay time is reported as a ratio to it.
+upload-to-overlay time is reported as a ratio to it. Its opacity slider (a rerun of this tiny page
+that redraws the one figure) is the floor for the dashboard's re-render times.
 """
 
 import numpy as np
@@ -15,4 +16,5 @@ upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp",
 if upload is not None:
     image = np.asarray(Image.open(upload).convert("RGB"))
     st.caption(f"{upload.name} · {image.shape[1]}×{image.shape[0]} px")
-    st.plotly_chart(go.Figure(go.Image(z=image)), key="image")
+    opacity = st.slider("Opacity", 0.0, 1.0, 1.0, 0.05, key="opacity")
+    st.plotly_chart(go.Figure(go.Image(z=image, opacity=opacity)), key="image")

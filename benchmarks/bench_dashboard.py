@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
@@ -124,10 +125,14 @@ def main() -> None:
             timed_upload(page, url, ready, photo(99), "warmup.jpg")
             ctx.close()
 
-        uploads, baselines, recompute, display = [], [], [], []
+        uploads, baselines, base_redraw, recompute, display = [], [], [], [], []
         for i in range(args.repeats):
             ctx, page = fresh()
             baselines.append(timed_upload(page, base.url, base_ready, photo(2 * i + 1), f"base_{i}.jpg"))
+            page.wait_for_timeout(1500)
+            for _ in range(2):
+                base_redraw.append(timed_key(page, "opacity"))
+                page.wait_for_timeout(1000)
             ctx.close()
             ctx, page = fresh()
             uploads.append(timed_upload(page, app.url, app_ready, photo(2 * i), f"upload_{i}.jpg"))
@@ -144,21 +149,27 @@ def main() -> None:
         browser.close()
 
     def line(name: str, values: list[float], target: float | None, base: float | None = None) -> str:
+        """Median, range, ratio to a baseline median and the verdict against a target."""
         med = statistics.median(values)
         parts = [f"{name:<38} median {med:6.3f} s   (min {min(values):.3f}, max {max(values):.3f})"]
         if base:
             parts.append(f"  {med / base:4.2f}x baseline")
+        else:
+            parts.append(" " * 16)
         if target:
             parts.append(f"  target <= {target} s: {'ok' if med <= target else 'MISSED'}")
         return "".join(parts)
 
-    b = statistics.median(baselines)
+    b, r = statistics.median(baselines), statistics.median(base_redraw)
     print(f"bench_dashboard: {args.repeats} repeats, fresh Chromium page per upload, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(line("baseline: upload -> image drawn", baselines, None))
+    print(line("baseline: slider -> image redrawn", base_redraw, None))
     print(line("dashboard: upload -> overlay drawn", uploads, 2.0, b))
-    print(line("dashboard: explanation parameter change", recompute, 0.5, b))
-    print(line("dashboard: display-only change (opacity)", display, 0.5, b))
+    print(line("dashboard: explanation parameter change", recompute, 0.5, r))
+    print(line("dashboard: display-only change (opacity)", display, 0.5, r))
+    print("(ratios: uploads to the baseline's upload, changes to the baseline's slider redraw; load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores)")
     if "-v" in sys.argv:
         for key, (start, run, draw) in PHASES:
             print(f"  {key:<10} key->run start {start:6.1f} ms, run {run:6.1f} ms, last frame {draw:5.1f} ms")

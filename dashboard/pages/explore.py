@@ -193,6 +193,6 @@ with ui.guard("the Explore page"):
         if dims is None:
             st.info("ResNets have no attention, so only Grad-CAM applies. Pick a ViT or hybrid checkpoint in the "
                     "sidebar to see attention heads and patch-to-patch attention.")
-        elif not __import__("os").environ.get("NOHEADS"):
+        else:
             heads_section(subject, *dims)
             patch_section(subject, *dims)
