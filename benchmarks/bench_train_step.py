@@ -73,7 +73,8 @@ def main() -> None:
     else:
         cases = [("vit_small_patch16_224", {}, 224, 16), ("resnet50", {}, 224, 16)]
         steps = args.steps or 20
-    print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, {steps} paired steps")
+    print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, "
+          f"{steps} paired steps")
     print("| model | ours ms/step | timm ms/step | timm/ours (>=1: ours as fast) |")
     print("|---|---|---|---|")
     for name, kwargs, size, batch in cases:

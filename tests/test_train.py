@@ -188,6 +188,22 @@ def test_bad_teacher_and_init_for_a_cnn_are_config_errors(tmp_path):
         _config(tmp_path / "c", select="best")
 
 
+def test_image_folder_dataset_trains(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        folder = tmp_path / "images" / cls
+        folder.mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    result = train(_config(tmp_path / "run", dataset="imagefolder", data_root=str(tmp_path / "images"), epochs=1,
+                           batch_size=8))
+    meta = read_checkpoint_meta(result.best_path)
+    assert meta.dataset == "imagefolder" and meta.class_names == ["blue", "red"]
+
+
 # --------------------------------------------------------------------------------------------------
 # exact resume
 
