@@ -16,5 +16,5 @@ upload = st.file_uploader("Upload an image", type=["png", "jpg", "jpeg", "webp",
 if upload is not None:
     image = np.asarray(Image.open(upload).convert("RGB"))
     st.caption(f"{upload.name} · {image.shape[1]}×{image.shape[0]} px")
-    opacity = st.slider("Opacity", 0.0, 1.0, 1.0, 0.05, key="opacity")
+    opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="opacity")
     st.plotly_chart(go.Figure(go.Image(z=image, opacity=opacity)), key="image")

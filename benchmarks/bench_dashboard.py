@@ -40,8 +40,9 @@ WATCH = """() => {
 }"""
 
 # Resolves with the time of the first frame drawn after a run that started after t0 has finished.
-FINISHED = """(t0) => new Promise(resolve => {
+FINISHED = """(t0) => new Promise((resolve, reject) => {
     const check = () => {
+        if (performance.now() - t0 > 60000) return reject(new Error('no script run finished within 60 s'));
         const runs = window.__runs.filter(r => r[1] >= t0);
         const started = runs.findIndex(r => r[0] === 'running');
         const done = started >= 0 ? runs.slice(started).find(r => r[0] === 'notRunning') : undefined;
@@ -82,11 +83,12 @@ def timed_upload(page, url: str, ready: str, data: bytes, name: str) -> float:
 
 
 def timed_key(page, slider_key: str) -> float:
-    """Press → on a slider; time until the run it triggers has finished and the frame is drawn."""
-    thumb = page.locator(f".st-key-{slider_key} [role=slider], .st-key-{slider_key} input[type=range]").first
+    """Press → (← at the maximum) on a slider; time until the run it triggers has finished and is drawn."""
+    thumb = page.locator(f".st-key-{slider_key} input[type=range]").first
+    at_max = thumb.evaluate("e => Number(e.value) >= Number(e.max)")
     thumb.focus()
     t0 = page.evaluate(WATCH)
-    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
     t1 = page.evaluate(FINISHED, t0)
     PHASES.append((slider_key, page.evaluate("() => window.__phases")))
     return (t1 - t0) / 1000.0
@@ -166,10 +168,10 @@ def main() -> None:
     print(line("baseline: upload -> image drawn", baselines, None))
     print(line("baseline: slider -> image redrawn", base_redraw, None))
     print(line("dashboard: upload -> overlay drawn", uploads, 2.0, b))
-    print(line("dashboard: explanation parameter change", recompute, 0.5, r))
-    print(line("dashboard: display-only change (opacity)", display, 0.5, r))
-    print("(ratios: uploads to the baseline's upload, changes to the baseline's slider redraw; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores)")
+    print(line("dashboard: explanation parameter change", recompute, 0.5, b))
+    print(line("dashboard: display-only change (opacity)", display, 0.5, b))
+    print(f"(ratios to the baseline's upload; the baseline's own slider redraw resends the full-size image: "
+          f"{r:.3f} s. Load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores)")
     if "-v" in sys.argv:
         for key, (start, run, draw) in PHASES:
             print(f"  {key:<10} key->run start {start:6.1f} ms, run {run:6.1f} ms, last frame {draw:5.1f} ms")

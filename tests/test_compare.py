@@ -62,6 +62,9 @@ def test_compare_models_end_to_end_and_resume(tmp_path, capsys):
     assert {p.rsplit("/", 1)[-1] for p in printed["plots"]} == {
         "accuracy.html", "curves.html", "confusion_vit_p4_d8_32.html", "confusion_resnet18_32.html"}
     assert all((out / p.rsplit("/", 1)[-1]).stat().st_size > 1000 for p in printed["plots"])
+    # the pages open offline: plotly.js sits beside them, no CDN link
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
+    assert "cdn.plot.ly" not in (out / "accuracy.html").read_text()
 
     # --resume reuses finished runs: nothing is retrained, the table is the same.
     stamp = (out / "resnet18_32" / "best.safetensors").stat().st_mtime_ns

@@ -104,6 +104,41 @@ def test_raw_attention_reads_the_chosen_layer_head_and_query(models, x):
     torch.testing.assert_close(heads[:, 1], cap.attentions[0][:, 1, 0, 1:].reshape(2, 4, 4))
 
 
+def test_mean_pooled_models_are_explained_from_the_patch_mean(x):
+    """With mean pooling the head never reads the class token: maps start from the patch tokens' mean row."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitviz.explain import attention_rollout, chefer_relevance, token_layout
+
+    ours = tiny_vit(pooling="mean")
+    theirs = randomize(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                         num_classes=5, global_pool="avg"))
+    assert token_layout(ours, 32, 32).readout == "mean" and token_layout(theirs, 32, 32).readout == "mean"
+    assert token_layout(tiny_vit(), 32, 32).readout == "token"
+    for model in (ours, theirs):
+        cap = capture_attention(model, x, with_grads=True)
+        full = attention_rollout(cap.attentions)  # (B, N, N)
+        rollout = explain_details(model, x, "rollout", upsample=False).grid_maps
+        torch.testing.assert_close(rollout, full[:, 1:, 1:].mean(1).reshape(2, 4, 4))
+        assert not torch.allclose(rollout, full[:, 0, 1:].reshape(2, 4, 4), atol=1e-4)  # not the class row
+        attention = explain_details(model, x, "attention", layer=0, upsample=False).grid_maps
+        torch.testing.assert_close(attention, cap.attentions[0][:, :, 1:, 1:].mean(dim=(1, 2)).reshape(2, 4, 4))
+        heads = attention_heads(model, x, layer=-1)
+        torch.testing.assert_close(heads, cap.attentions[-1][:, :, 1:, 1:].mean(2).reshape(2, 2, 4, 4))
+        chefer = explain_details(model, x, "chefer", upsample=False).grid_maps
+        relevance = chefer_relevance(cap.attentions, cap.gradients)
+        torch.testing.assert_close(chefer, relevance[:, 1:, 1:].mean(1).reshape(2, 4, 4))
+        # Grad-CAM reads the tokens the mean pool reads: CAM on the final features, by hand
+        feats = model.forward_features(x).detach().requires_grad_(True)  # (B, N, D)
+        logits = model.forward_head(feats)
+        (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), feats)
+        cam = (grad[:, 1:].mean(1, keepdim=True) * feats[:, 1:]).sum(-1).clamp(min=0).reshape(2, 4, 4)
+        torch.testing.assert_close(explain_details(model, x, "gradcam", upsample=False).grid_maps, cam.detach())
+        # a chosen query patch is still that patch's row
+        one = explain_details(model, x, "attention", layer=0, head=0, query=5, upsample=False).grid_maps
+        torch.testing.assert_close(one, cap.attentions[0][:, 0, 6, 1:].reshape(2, 4, 4))
+
+
 def test_target_changes_gradient_methods(models, x):
     model = models["vit"]
     for method in ("chefer", "grad-rollout", "gradcam"):

@@ -107,3 +107,16 @@ def test_bad_parameters_raise_explain_errors():
         grad_rollout(attn, None)
     with pytest.raises(ExplainError, match="no attention"):
         attention_rollout([])
+
+
+def test_rollout_row_of_the_patch_mean_matches_the_full_product():
+    gen = torch.Generator().manual_seed(3)
+    attns = [torch.rand(2, 3, 5, 5, generator=gen).softmax(-1) for _ in range(3)]
+    full = attention_rollout(attns)  # (B, N, N)
+    for fusion, discard in (("mean", 0.0), ("max", 0.5)):
+        full = attention_rollout(attns, fusion, discard)
+        torch.testing.assert_close(rollout_row(attns, "mean", fusion, discard), full[:, 1:].mean(1))
+        torch.testing.assert_close(rollout_row(attns, 2, fusion, discard), full[:, 2])
+    torch.testing.assert_close(token_row_to_grid(full, (2, 2), 1, "mean"), full[:, 1:, 1:].mean(1).reshape(2, 2, 2))
+    with pytest.raises(ExplainError, match="row must be"):
+        rollout_row(attns, "median")

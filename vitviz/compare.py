@@ -246,7 +246,8 @@ def write_results(spec: CompareSpec, rows: list[dict[str, Any]], out: Path) -> d
     plot_paths = []
     for key, fig in plots.items():
         path = out / f"{key}.html"
-        fig.write_html(path, include_plotlyjs="cdn")
+        # plotly.js once per folder, next to the pages: they open offline (a CDN link would not)
+        fig.write_html(path, include_plotlyjs="directory")
         plot_paths.append(str(path))
     summary = {"kind": spec.kind, "dataset": spec.dataset, "epochs": spec.epochs, "img_size": spec.img_size,
                "seed": spec.seed, "rows": rows, "plots": [Path(p).name for p in plot_paths]}

@@ -12,10 +12,10 @@ from vitviz.errors import InvalidImageError
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
 
 METHOD_NOTES = {
-    "attention": "What one layer's class token (or chosen head) attends to: where that layer looks, "
-                 "not why the model decided.",
+    "attention": "What one layer's readout (the class token, or for a mean-pooled model the mean of all patch "
+                 "tokens) attends to, or one chosen head: where that layer looks, not why the model decided.",
     "rollout": "Attention multiplied through every layer (plus the residual path), tracing how much each patch "
-               "flows into the class token. The same for every class.",
+               "flows into what the classifier reads (class token or patch mean). The same for every class.",
     "grad-rollout": "Rollout with each layer's attention weighted by its gradient for the target class: "
                     "class-specific.",
     "chefer": "Relevance of Chefer et al. (2021): attention × gradient, propagated through the layers. "
@@ -129,7 +129,11 @@ def heads_section(subject: state.Subject, depth: int, heads: int) -> None:
     fig = heads_figure(maps, cols=cols, colorscale="inferno")
     fig.update_layout(width=170 * cols + 110)  # square tiles, however many heads
     st.plotly_chart(fig, key="heads", width="content", config={"displayModeBar": False})
-    st.caption(f"Each of the {heads} heads of layer {layer} looks from the class token at every patch, "
+    from vitviz.explain import token_layout
+
+    readout = token_layout(subject.model, subject.info.img_size, subject.info.img_size).readout
+    source = "the class token" if readout == "token" else "the mean of the patch tokens (the model pools by mean)"
+    st.caption(f"Each of the {heads} heads of layer {layer} looks from {source} at every patch, "
                "each scaled to its own range: heads specialise, some on the object, some on the background.")
 
 

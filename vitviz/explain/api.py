@@ -18,10 +18,8 @@ from vitviz.explain.layout import check_images, model_family, token_layout
 from vitviz.explain.maps import normalize_maps, upsample_maps
 from vitviz.explain.relevance import chefer_relevance
 from vitviz.explain.rollout import (
-    attention_rollout,
     check_discard_ratio,
     check_fusion,
-    grad_rollout,
     rollout_row,
     token_row_to_grid,
 )
@@ -74,13 +72,16 @@ def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", *, upsam
     normalised. Parameters per method (see :data:`METHOD_PARAMS`):
 
     * attention: ``layer`` (-1), ``head`` (None = mean, an index, or "max"/"min"), ``query``
-      (None = class token, (row, col) or a flat patch index);
+      (None = the readout: the class token, or the mean of the patch tokens for mean-pooled models;
+      (row, col) or a flat patch index for one patch);
     * rollout: ``head_fusion`` ("mean" | "max" | "min"), ``discard_ratio`` in [0, 1), ``start_layer``;
     * grad-rollout: ``target``, ``discard_ratio``, ``start_layer``;
     * chefer: ``target``, ``start_layer``;
     * gradcam: ``target``, ``layer`` (None = family default; a block index for ViT tokens).
 
     ``target`` is a class index (or one per image); default: each image's predicted class.
+    Attention, rollout, grad-rollout and chefer read the row of the model's readout: the class
+    token for class-token pooling, the mean of the patch tokens' rows for mean pooling.
     """
     return explain_details(model, x, method, upsample=upsample, **params).maps
 
@@ -121,6 +122,7 @@ def _run(method: str, model: nn.Module, x: torch.Tensor,
         return res.maps, res.logits, res.target, res.cell
     lay = token_layout(model, x.shape[-2], x.shape[-1])
     prefix, grid = lay.num_prefix_tokens, lay.grid
+    row = 0 if lay.readout == "token" else "mean"  # the token(s) the head reads: where every map starts
     # Validate cheap parameters before running the model.
     if "head_fusion" in p:
         check_fusion(p["head_fusion"])
@@ -130,26 +132,22 @@ def _run(method: str, model: nn.Module, x: torch.Tensor,
     needs_grad = method in ("grad-rollout", "chefer")
     cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad)
     if method == "attention":
-        m = attention_map(cap.attentions, grid, p["layer"], p["head"], p["query"], prefix)
+        m = attention_map(cap.attentions, grid, p["layer"], p["head"], p["query"], prefix, lay.readout)
     elif method == "rollout":
-        m = _class_row(cap.attentions, None, grid, prefix, p)
+        m = _readout_row(cap.attentions, None, grid, prefix, row, p)
     elif method == "grad-rollout":
-        m = _class_row(cap.attentions, cap.gradients, grid, prefix, p)
+        m = _readout_row(cap.attentions, cap.gradients, grid, prefix, row, p)
     else:
-        m = token_row_to_grid(chefer_relevance(cap.attentions, cap.gradients, p["start_layer"]), grid, prefix)
+        m = token_row_to_grid(chefer_relevance(cap.attentions, cap.gradients, p["start_layer"]), grid, prefix, row)
     return m, cap.logits, cap.target, lay.cell
 
 
-def _class_row(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor] | None,
-               grid: tuple[int, int], prefix: int, p: dict[str, Any]) -> torch.Tensor:
-    """Class-token row of the (grad) rollout as a grid (B, gh, gw)."""
+def _readout_row(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor] | None,
+                 grid: tuple[int, int], prefix: int, row: int | str, p: dict[str, Any]) -> torch.Tensor:
+    """The readout's row of the (grad) rollout as a grid (B, gh, gw)."""
     fusion = p.get("head_fusion", "mean")
-    if prefix == 0:  # no class token: average the patch rows of the full matrix
-        full = (attention_rollout(attentions, fusion, p["discard_ratio"], p["start_layer"], 0) if gradients is None
-                else grad_rollout(attentions, gradients, p["discard_ratio"], p["start_layer"], 0))
-        return token_row_to_grid(full, grid, 0)
-    row = rollout_row(attentions, 0, fusion, p["discard_ratio"], p["start_layer"], prefix, gradients)  # (B, N)
-    return row[:, prefix:].reshape(row.shape[0], *grid)  # (B, gh, gw)
+    r = rollout_row(attentions, row, fusion, p["discard_ratio"], p["start_layer"], prefix, gradients)  # (B, N)
+    return r[:, prefix:].reshape(r.shape[0], *grid)  # (B, gh, gw)
 
 
 def _precheck_indices(model: nn.Module, p: dict[str, Any]) -> None:

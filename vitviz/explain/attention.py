@@ -1,4 +1,8 @@
-"""Raw attention: one layer's weights from the class token (or a chosen query patch) to every patch."""
+"""Raw attention: one layer's weights from the model's readout (or a chosen query patch) to every patch.
+
+The readout is what the head reads: the class token for class-token pooling, the mean of the patch
+tokens for mean pooling (then the map is the mean of the patch queries' rows).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ from vitviz.errors import ExplainError
 from vitviz.explain.layout import token_layout
 from vitviz.explain.rollout import HEAD_FUSIONS, fuse_heads
 
-__all__ = ["Query", "attention_heads", "attention_map", "heads_map", "query_token", "select_layer"]
+__all__ = ["Query", "attention_heads", "attention_map", "heads_map", "query_rows", "query_token", "select_layer"]
 
-Query = int | tuple[int, int] | None  # None: the class token; (row, col) or a flat index: a patch
+Query = int | tuple[int, int] | None  # None: the readout; (row, col) or a flat index: a patch
 
 
 def select_layer(attentions: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
@@ -49,6 +53,20 @@ def query_token(query: Query, grid: tuple[int, int], num_prefix_tokens: int = 1)
     return num_prefix_tokens + row * gw + col
 
 
+def query_rows(a: torch.Tensor, query: Query, grid: tuple[int, int], num_prefix_tokens: int = 1,
+               readout: str = "token") -> torch.Tensor:
+    """Each head's attention row (B, heads, N) of a query in one layer's attention (B, heads, N, N).
+
+    ``query`` None is the readout: the class token's row (``readout="token"``), or the mean of the
+    patch tokens' rows (``readout="mean"``, and always for models without prefix tokens).
+    """
+    if query is None and (readout == "mean" or num_prefix_tokens == 0):
+        return a[:, :, num_prefix_tokens:].mean(dim=2)  # (B, heads, N)
+    if readout not in ("token", "mean"):
+        raise ExplainError(f"readout must be 'token' or 'mean', got {readout!r}.")
+    return a[:, :, query_token(query, grid, num_prefix_tokens)]  # (B, heads, N)
+
+
 def _check_head(head: int | str | None, heads: int) -> None:
     if head is None or head in HEAD_FUSIONS:
         return
@@ -60,39 +78,43 @@ def _check_head(head: int | str | None, heads: int) -> None:
 
 
 def attention_map(attentions: Sequence[torch.Tensor], grid: tuple[int, int], layer: int = -1,
-                  head: int | str | None = None, query: Query = None, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Attention of one query token to every patch, (B, gh, gw).
+                  head: int | str | None = None, query: Query = None, num_prefix_tokens: int = 1,
+                  readout: str = "token") -> torch.Tensor:
+    """Attention of one query to every patch, (B, gh, gw).
 
     ``head``: a head index (negative ok), or None/"mean" for the head mean ("max"/"min" also fuse).
-    ``query``: None for the class token, else (row, col) or a flat patch index.
+    ``query``: None for the model's readout (see :func:`query_rows`), else (row, col) or a flat patch index.
     """
     a = select_layer(attentions, layer)  # (B, heads, N, N)
     _check_head(head, a.shape[1])
-    token = query_token(query, grid, num_prefix_tokens)
     _check_tokens(a, grid, num_prefix_tokens)
+    rows = query_rows(a, query, grid, num_prefix_tokens, readout)  # (B, heads, N)
     if isinstance(head, int):
-        rows = a[:, head, token]  # (B, N)
+        rows = rows[:, head]  # (B, N)
     else:
-        rows = fuse_heads(a[:, :, token:token + 1], head or "mean")[:, 0]  # (B, N)
+        rows = fuse_heads(rows[:, :, None], head or "mean")[:, 0]  # (B, N)
     return rows[:, num_prefix_tokens:].reshape(a.shape[0], *grid)  # (B, gh, gw)
 
 
 def heads_map(attentions: Sequence[torch.Tensor], grid: tuple[int, int], layer: int = -1, query: Query = None,
-              num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Every head's attention of one query token to every patch, (B, heads, gh, gw)."""
+              num_prefix_tokens: int = 1, readout: str = "token") -> torch.Tensor:
+    """Every head's attention of one query (None: the readout) to every patch, (B, heads, gh, gw)."""
     a = select_layer(attentions, layer)  # (B, heads, N, N)
-    token = query_token(query, grid, num_prefix_tokens)
     _check_tokens(a, grid, num_prefix_tokens)
-    return a[:, :, token, num_prefix_tokens:].reshape(a.shape[0], a.shape[1], *grid)  # (B, heads, gh, gw)
+    rows = query_rows(a, query, grid, num_prefix_tokens, readout)  # (B, heads, N)
+    return rows[:, :, num_prefix_tokens:].reshape(a.shape[0], a.shape[1], *grid)  # (B, heads, gh, gw)
 
 
 def attention_heads(model: nn.Module, x: torch.Tensor, layer: int = -1, query: Query = None) -> torch.Tensor:
-    """Per-head attention grid (B, heads, gh, gw) of ``model`` on ``x``: raw weights, not normalised."""
+    """Per-head attention grid (B, heads, gh, gw) of ``model`` on ``x``: raw weights, not normalised.
+
+    ``query`` None reads from the model's readout (class token, or the patch mean for mean pooling).
+    """
     from vitviz.explain.capture import capture_attention
 
     cap = capture_attention(model, x)
     lay = token_layout(model, x.shape[-2], x.shape[-1])
-    return heads_map(cap.attentions, lay.grid, layer, query, lay.num_prefix_tokens)
+    return heads_map(cap.attentions, lay.grid, layer, query, lay.num_prefix_tokens, lay.readout)
 
 
 def _check_tokens(a: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> None:

@@ -12,7 +12,8 @@ Where the activations come from:
 * ViT: the patch tokens entering block ``layer`` (default: the last), i.e. the output of that
   block's ``norm1``, reshaped to the grid. Not the last block's *output*: with class-token pooling
   the head reads only the class token, so the last block's output patch tokens have zero gradient
-  and their Grad-CAM is empty.
+  and their Grad-CAM is empty. With mean pooling the head reads exactly those output tokens, so the
+  default (``layer=None``) takes them: the transformer's counterpart of a CNN's last feature map.
 """
 
 from __future__ import annotations
@@ -128,6 +129,11 @@ def _cam_layer(model: nn.Module, layer: int | None, height: int, width: int) -> 
         patches = tokens[:, prefix:]  # (B, gh*gw, D)
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)  # (B, D, gh, gw)
 
+    if layer is None and lay.readout == "mean":
+        # Mean pooling reads the last block's patch tokens directly: Grad-CAM there is CAM on the final
+        # features, as for a CNN's last stage. ``model.norm`` (an Identity under mean pooling, in timm
+        # and here) sees exactly those tokens, whatever the block returns.
+        return model.norm, tokens_to_map, lay.cell
     return blocks[index].norm1, tokens_to_map, lay.cell
 
 

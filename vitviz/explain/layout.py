@@ -27,6 +27,10 @@ class TokenLayout:
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
     cell: tuple[int, int]  # pixels one grid cell covers (rows, cols)
     image_size: tuple[int, int]  # input (H, W) in pixels
+    # What the head reads: "token" (the class token) or "mean" (the mean of the patch tokens). Maps
+    # "from the model's point of view" start from this readout; with mean pooling the class token's
+    # last-layer output is never read, so its attention row explains nothing.
+    readout: str = "token"
 
     @property
     def num_patches(self) -> int:
@@ -77,15 +81,19 @@ def token_layout(model: nn.Module, height: int, width: int) -> TokenLayout:
         else:
             cell = (int(pe.patch_size[0]), int(pe.patch_size[1]))
         prefix = int(model.num_prefix_tokens)
+        # timm's avg / max / avgmax / map pooling all read the patch tokens as a set: the mean is their readout
+        readout = "token" if model.global_pool == "token" and prefix > 0 else "mean"
     else:
         grid = tuple(int(g) for g in model.patch_grid(height, width))
         pe = model.patch_embed
         step = int(pe.patch_size) * int(getattr(pe, "reduction", 1))  # hybrid cells cover reduction * p px
         cell = (step, step)
         prefix = int(model.num_prefix_tokens)
+        pooling = getattr(getattr(model, "vit_config", None), "pooling", "token")
+        readout = "token" if pooling == "token" and prefix > 0 else "mean"
     if grid[0] < 1 or grid[1] < 1:
         raise ExplainError(f"an input of {height}x{width} px is smaller than one token cell ({cell[0]} px).")
-    return TokenLayout(grid=grid, num_prefix_tokens=prefix, cell=cell, image_size=(height, width))
+    return TokenLayout(grid=grid, num_prefix_tokens=prefix, cell=cell, image_size=(height, width), readout=readout)
 
 
 def check_images(x: torch.Tensor) -> None:

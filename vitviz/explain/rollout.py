@@ -3,8 +3,9 @@
 Pure functions of captured attention tensors. Each layer's (fused) attention ``W`` becomes
 ``Â = norm_rows(W + I)``: the identity stands for the residual connection, and normalising rows
 after adding it keeps ``Â`` row-stochastic (for mean-fused rows summing to 1 this is the paper's
-``0.5 W + 0.5 I``). The rollout is the product ``Â_L ⋯ Â_start``; its class-token row over the
-patch columns is the saliency map.
+``0.5 W + 0.5 I``). The rollout is the product ``Â_L ⋯ Â_start``; its readout row over the patch
+columns is the saliency map: the class token's row for class-token pooling, the mean of the patch
+tokens' rows for mean pooling (the head reads that mean; the class token is never read then).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 
 from vitviz.errors import ExplainError
 
-__all__ = ["HEAD_FUSIONS", "attention_rollout", "fuse_heads", "grad_rollout", "rollout_layer", "rollout_row",
-           "token_row_to_grid"]
+__all__ = ["HEAD_FUSIONS", "attention_rollout", "fuse_heads", "grad_rollout", "readout_vector", "rollout_layer",
+           "rollout_row", "token_row_to_grid"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -76,21 +77,37 @@ def grad_rollout(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.T
 
 
 def token_row_to_grid(matrix: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
-                      row: int = 0) -> torch.Tensor:
-    """Row ``row`` (default: the class token) of a (B, N, N) token matrix over patch columns, as (B, gh, gw).
+                      row: int | str = 0) -> torch.Tensor:
+    """Row ``row`` of a (B, N, N) token matrix over the patch columns, as (B, gh, gw).
 
-    Models without prefix tokens have no class token: the mean over patch rows is used then.
+    ``row``: a token index (0: the class token), or "mean" for the mean of the patch tokens' rows
+    (the readout of mean-pooled models). Models without prefix tokens have no class token: row 0
+    means "mean" there.
     """
     batch, n, _ = matrix.shape
     if n != num_prefix_tokens + grid[0] * grid[1]:
         raise ExplainError(
             f"{n} tokens do not match a {grid[0]}x{grid[1]} grid plus {num_prefix_tokens} prefix tokens."
         )
-    if num_prefix_tokens == 0 and row == 0:
-        values = matrix.mean(dim=1)  # (B, N)
-    else:
-        values = matrix[:, row]  # (B, N)
+    values = matrix[:, num_prefix_tokens:].mean(dim=1) if _is_mean(row, num_prefix_tokens) else matrix[:, row]
     return values[:, num_prefix_tokens:].reshape(batch, grid[0], grid[1])  # (B, gh, gw)
+
+
+def readout_vector(n: int, row: int | str, num_prefix_tokens: int, dtype: torch.dtype,
+                   device: torch.device | str) -> torch.Tensor:
+    """The (N,) weights that pick a row of a token matrix: one-hot for a token, uniform over patches for "mean"."""
+    v = torch.zeros(n, dtype=dtype, device=device)
+    if _is_mean(row, num_prefix_tokens):
+        v[num_prefix_tokens:] = 1.0 / (n - num_prefix_tokens)
+    elif isinstance(row, int) and not isinstance(row, bool) and -n <= row < n:
+        v[row] = 1.0
+    else:
+        raise ExplainError(f"row must be a token index in 0..{n - 1} or 'mean', got {row!r}.")
+    return v
+
+
+def _is_mean(row: int | str, num_prefix_tokens: int) -> bool:
+    return row == "mean" or (num_prefix_tokens == 0 and isinstance(row, int) and row == 0)
 
 
 # --- validation and helpers ------------------------------------------------------------------------
@@ -131,10 +148,13 @@ def _check_pairs(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.T
     _layers_from(attentions, 0)
 
 
-def rollout_row(attentions: Sequence[torch.Tensor], row: int = 0, head_fusion: str = "mean",
+def rollout_row(attentions: Sequence[torch.Tensor], row: int | str = 0, head_fusion: str = "mean",
                 discard_ratio: float = 0.0, start_layer: int = 0, num_prefix_tokens: int = 1,
                 gradients: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Row ``row`` (B, N) of the rollout (or, with ``gradients``, of the grad rollout), without the full product.
+
+    ``row``: a token index (0: the class token) or "mean" (the mean of the patch tokens' rows, the
+    readout of a mean-pooled model; also what row 0 means for a model without prefix tokens).
 
     ``e_row^T Â_L ⋯ Â_1`` is computed right to left as vector-matrix products: N^2 work per layer
     instead of N^3, which is what keeps rollout within a few percent of a plain forward pass.
@@ -143,18 +163,20 @@ def rollout_row(attentions: Sequence[torch.Tensor], row: int = 0, head_fusion: s
         layers = _layers_from(attentions, start_layer)
         if head_fusion == "mean" and int(discard_ratio * (layers[0].shape[-1] - num_prefix_tokens)) == 0:
             check_discard_ratio(discard_ratio)
-            return _mean_rollout_row(layers, row)
+            return _mean_rollout_row(layers, row, num_prefix_tokens)
         mats = [rollout_layer(fuse_heads(a, head_fusion), discard_ratio, num_prefix_tokens) for a in layers]
     else:
         mats = [rollout_layer(f, discard_ratio, num_prefix_tokens)
                 for f in _grad_fused(attentions, gradients, start_layer)]
-    r = mats[-1][:, row:row + 1]  # (B, 1, N)
+    last = mats[-1]
+    r = readout_vector(last.shape[-1], row, num_prefix_tokens, last.dtype, last.device) @ last  # (B, N)
+    r = r[:, None]  # (B, 1, N)
     for a in reversed(mats[:-1]):
         r = r @ a  # (B, 1, N)
     return r[:, 0]  # (B, N)
 
 
-def _mean_rollout_row(layers: list[torch.Tensor], row: int) -> torch.Tensor:
+def _mean_rollout_row(layers: list[torch.Tensor], row: int | str, num_prefix_tokens: int) -> torch.Tensor:
     """Row of the mean-fused rollout (no discard) without ever forming a fused (N, N) matrix.
 
     With W = mean_h A_h and Â = D^-1 (W + I), D = diag(row sums of W + I):
@@ -163,8 +185,7 @@ def _mean_rollout_row(layers: list[torch.Tensor], row: int) -> torch.Tensor:
     heads axis of (B, heads, N, N) is strided, and costs more than the rest of rollout together.
     """
     a0 = layers[0]
-    r = torch.zeros(a0.shape[0], a0.shape[-1], dtype=a0.dtype, device=a0.device)  # (B, N)
-    r[:, row] = 1.0
+    r = readout_vector(a0.shape[-1], row, num_prefix_tokens, a0.dtype, a0.device).expand(a0.shape[0], -1)  # (B, N)
     for a in reversed(layers):
         row_sums = a.sum(dim=-1).mean(dim=1) + 1.0  # (B, N): row sums of W + I
         s = r / row_sums  # (B, N)

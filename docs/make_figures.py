@@ -1,0 +1,65 @@
+"""Render README's comparison figures to PNG from the ``results.json`` files ``vitviz compare`` wrote.
+
+For every ``results/*/results.json`` of a data-efficiency comparison it draws
+``vitviz.plots.data_efficiency_lines`` and saves ``docs/figures/data_efficiency_<dataset>.png``; for a
+model comparison, ``accuracy_bars`` as ``docs/figures/compare_<dataset>.png``. The figures are the
+dashboard's own plotly figures, drawn by headless Chromium (Debian's ``/usr/bin/chromium`` through
+Playwright, plotly.js inlined: no network).
+
+    python docs/make_figures.py [--results results] [--out docs/figures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dashboard.harness import launch_chromium  # noqa: E402
+from vitviz.dashboard_support import read_results  # noqa: E402
+from vitviz.plots import accuracy_bars, data_efficiency_lines  # noqa: E402
+
+
+def figures(results: Path) -> dict[str, object]:
+    """File stem -> plotly figure, one per comparison found under ``results``."""
+    out: dict[str, object] = {}
+    for summary in read_results(results):
+        dataset, rows = summary["dataset"], summary["rows"]
+        if summary["kind"] == "data-efficiency":
+            out[f"data_efficiency_{dataset}"] = data_efficiency_lines(
+                rows, title=f"Data efficiency on {dataset}: test accuracy vs training data")
+        else:
+            out[f"compare_{dataset}"] = accuracy_bars(rows, title=f"Comparison on {dataset}: test accuracy and F1")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    args = p.parse_args(argv)
+    figs = figures(args.results)
+    if not figs:
+        print(f"no results.json under {args.results}; run `vitviz compare` first", file=sys.stderr)
+        return 1
+    from playwright.sync_api import sync_playwright
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        page = browser.new_page(viewport={"width": 900, "height": 520}, device_scale_factor=2)
+        for stem, fig in figs.items():
+            fig.update_layout(width=900, height=520)
+            page.set_content(fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True}))
+            page.wait_for_selector(".js-plotly-plot .main-svg")
+            page.locator(".js-plotly-plot").first.screenshot(path=str(args.out / f"{stem}.png"))
+            print(args.out / f"{stem}.png")
+        browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
