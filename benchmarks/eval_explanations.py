@@ -16,7 +16,9 @@ For each shipped shapes checkpoint (``checkpoints/{vit,hybrid,resnet}_shapes.saf
   every map, random included, the same granularity. ``--unit 0`` ranks single pixels;
 
 and the same for uniform random maps (one random baseline per family: random maps do not depend
-on the method). Maps explain the true class. Prints a Markdown table and checks the targets:
+on the method). Methods run with their defaults (raw attention: the last layer); one extra row,
+``attention, layer L*``, uses the layer with the best deletion AUC on ``--select-n`` scenes of
+another seed (chosen there, scored here). Maps explain the true class. Prints a Markdown table and checks the targets:
 the best ViT method points inside the object on >= 80 % of scenes, and every method beats the
 random baseline on deletion AUC.
 
@@ -52,14 +54,32 @@ POINTING_TARGET = 80.0
 
 
 def explain_all(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, method: str,
-                batch_size: int) -> torch.Tensor:
+                batch_size: int, **params) -> torch.Tensor:
     """Maps (N, H, W) for every scene, explaining the true class where the method takes a target."""
     out = []
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         kw = {"target": labels[sl]} if "target" in METHOD_PARAMS[method] else {}
-        out.append(explain(model, x[sl], method, **kw))
+        out.append(explain(model, x[sl], method, **kw, **params))
     return torch.cat(out)
+
+
+def pick_attention_layer(model: torch.nn.Module, meta, args: argparse.Namespace) -> int:
+    """The layer whose raw attention has the lowest deletion AUC on ``--select-n`` scenes of another seed.
+
+    Raw attention is one layer's view, and which layer says most differs per model; choosing it on
+    scenes that are not scored keeps the scored table honest.
+    """
+    images, labels_np, _ = make_shapes(args.select_n, seed=args.seed + 2, img_size=meta.img_size)
+    x = preprocess(images, meta).to(args.device)
+    labels = torch.from_numpy(labels_np).long().to(args.device)
+    aucs = []
+    for layer in range(len(model.blocks)):
+        maps = explain_all(model, x, labels, "attention", args.batch_size, layer=layer)
+        di = deletion_insertion(model, x, maps, target=labels, mode="deletion", steps=args.steps,
+                                patch_size=args.unit or None, batch_size=args.forward_batch, seed=args.seed)
+        aucs.append(float(di.deletion_auc.mean()))
+    return min(range(len(aucs)), key=aucs.__getitem__)
 
 
 def score(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor,
@@ -89,6 +109,10 @@ def evaluate_family(family: str, path: Path, args: argparse.Namespace) -> dict:
         maps = explain_all(model, x, labels, method, args.batch_size)
         result["methods"][method] = score(model, x, labels, masks, maps, args)
         print(f"  {family:<7}{method:<14}{time.perf_counter() - t0:6.1f} s", file=sys.stderr)
+    if "attention" in result["methods"] and args.select_n:
+        layer = pick_attention_layer(model, meta, args)
+        maps = explain_all(model, x, labels, "attention", args.batch_size, layer=layer)
+        result["methods"][f"attention, layer {layer}*"] = score(model, x, labels, masks, maps, args)
     rand = random_maps(torch.empty(x.shape[0], *x.shape[-2:]), seed=args.seed + 1).to(args.device)
     result["random"] = score(model, x, labels, masks, rand, args)
     return result
@@ -136,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     p.add_argument("--unit", type=int, default=4, help="deletion/insertion unit: squares of this side in px "
                    "(default 4); 0 = single pixels")
+    p.add_argument("--select-n", type=int, default=100, help="scenes (another seed) to choose the raw-attention "
+                   "layer on, for the extra 'attention, layer L*' row (0: no such row)")
     p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in px (default 0)")
     p.add_argument("--batch-size", type=int, default=50, help="images per explanation batch")
     p.add_argument("--forward-batch", type=int, default=256, help="images per deletion/insertion forward pass")
