@@ -60,10 +60,10 @@ def query_rows(a: torch.Tensor, query: Query, grid: tuple[int, int], num_prefix_
     ``query`` None is the readout: the class token's row (``readout="token"``), or the mean of the
     patch tokens' rows (``readout="mean"``, and always for models without prefix tokens).
     """
-    if query is None and (readout == "mean" or num_prefix_tokens == 0):
-        return a[:, :, num_prefix_tokens:].mean(dim=2)  # (B, heads, N)
     if readout not in ("token", "mean"):
         raise ExplainError(f"readout must be 'token' or 'mean', got {readout!r}.")
+    if query is None and (readout == "mean" or num_prefix_tokens == 0):
+        return a[:, :, num_prefix_tokens:].mean(dim=2)  # (B, heads, N)
     return a[:, :, query_token(query, grid, num_prefix_tokens)]  # (B, heads, N)
 
 
