@@ -26,13 +26,15 @@ from vitviz.errors import ConfigError, DatasetError, TrainingError
 from vitviz.evaluate import evaluate, evaluate_checkpoint
 from vitviz.training import TrainConfig, train
 from vitviz.training import loop as loop_module
+from vitviz.training.ema import WeightEma
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = {"model": "vit_p4_d8_32", "img_size": 16, "embed_dim": 16, "depth": 1, "num_heads": 2}
 # Dropout, stochastic depth, affine + crop augmentation and MixUp/CutMix: every random stream is in use.
 RANDOMISED = {"dropout": 0.1, "drop_path": 0.1, "affine": True, "crop_padding": 2, "mixup": 0.2, "cutmix": 0.5}
+# ... and a weight average, whose state the sidecar must carry too
 RESUME_RUN = {**TINY_VIT, **RANDOMISED, "dataset": "digits", "epochs": 4, "limit_train": 480, "limit_eval": 40,
-              "batch_size": 8, "seed": 3}
+              "batch_size": 8, "seed": 3, "ema": 0.9}
 
 
 def _config(out: Path, **kw) -> TrainConfig:
@@ -205,6 +207,43 @@ def test_image_folder_dataset_trains(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# weight averaging
+
+
+def test_weight_ema_follows_the_model_with_a_warming_up_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEma(model, decay=0.5)
+    w0 = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked += 3
+    ema.update(model, step=0)  # decay min(0.5, 1/10) = 0.1: the first updates mostly take the model's weights
+    first = 0.1 * w0 + 0.9 * (w0 + 1.0)
+    torch.testing.assert_close(ema.module[0].weight, first)
+    assert int(ema.module[1].num_batches_tracked) == 3  # integer buffers are copied, not averaged
+    ema.update(model, step=1000)  # past the warm-up: the configured decay
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * first + 0.5 * (w0 + 1.0))
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert model[0].weight.requires_grad, "the trained model is untouched"
+
+
+def test_ema_run_validates_and_saves_the_average(straight_run):
+    sidecar = _tensors(straight_run / "last.state.safetensors")
+    average = {k.removeprefix("ema."): v for k, v in sidecar.items() if k.startswith("ema.")}
+    raw = {k.removeprefix("model."): v for k, v in sidecar.items() if k.startswith("model.")}
+    assert average.keys() == raw.keys()
+    last = _tensors(straight_run / "last.safetensors")
+    assert all(torch.equal(last[k], average[k]) for k in average)
+    assert any(not torch.equal(average[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    # the validation accuracy logged for the last epoch is the average's
+    model, meta = load_checkpoint(straight_run / "last.safetensors")
+    data = load_dataset("digits", img_size=16)
+    val_split = loop_module._seeded_subset(data.val, RESUME_RUN["limit_eval"], 1)  # the run's validation images
+    val = evaluate(model, val_split, mean=meta.mean, std=meta.std, class_names=data.class_names)
+    assert val["accuracy"] == pytest.approx(_log_rows(straight_run)[-1]["val_accuracy"])
+
+
+# --------------------------------------------------------------------------------------------------
 # exact resume
 
 
@@ -334,6 +373,8 @@ def test_bad_settings_fail_before_any_work(tmp_path):
         _config(out, lr=-1.0)
     with pytest.raises(ConfigError, match="warmup"):
         _config(out, warmup_epochs=5)
+    with pytest.raises(ConfigError, match="ema must be"):
+        _config(out, ema=1.0)
     assert not out.exists(), "nothing is written for a run that cannot start"
 
 

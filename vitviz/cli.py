@@ -66,6 +66,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("optimisation", "distill", str, "teacher checkpoint: add a soft-target distillation loss (DeiT-style)"),
     ("optimisation", "distill_alpha", float, "weight of the distillation loss (default 0.5)"),
     ("optimisation", "distill_temperature", float, "distillation softmax temperature (default 2)"),
+    ("optimisation", "ema", float, "decay of a moving average of the weights, validated and saved (e.g. 0.999; "
+     "default 0 = off)"),
     ("model", "patch_size", int, "ViT patch size"),
     ("model", "embed_dim", int, "ViT width"),
     ("model", "depth", int, "ViT blocks"),

@@ -58,6 +58,7 @@ class TrainConfig:
     distill: str | None = None  # teacher checkpoint: add a soft-target distillation loss (DeiT-style)
     distill_alpha: float = 0.5  # weight of the distillation term (1 - alpha on the label loss)
     distill_temperature: float = 2.0  # softmax temperature of the distillation term
+    ema: float = 0.0  # decay of a moving average of the weights (0 = off); the average is validated and saved
     select: str = "val_accuracy"  # what makes best.safetensors: "val_accuracy" (ties: lower val loss), "val_loss",
     # or "last" (the final epoch: for fixed schedules on a validation split too small to choose by)
     # --- model overrides (None = the preset's value) ---
@@ -129,6 +130,7 @@ class TrainConfig:
             _float(self, name, low=0.0, high=1.0)
         _float(self, "distill_alpha", low=0.0, high=1.0, high_open=False)
         _float(self, "distill_temperature", low=0.0, low_open=True)
+        _float(self, "ema", low=0.0, high=1.0)
         _float(self, "train_fraction", low=0.0, high=1.0, low_open=True, high_open=False)
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) is longer than the run ({self.epochs} epochs).")

@@ -37,6 +37,7 @@ from vitviz.models.registry import ModelConfig, build_model, preset_config
 from vitviz.training import distributed
 from vitviz.training.config import TrainConfig, check_resume_compatible
 from vitviz.training.distill import Teacher, distillation_loss
+from vitviz.training.ema import WeightEma
 from vitviz.training.init import apply_init
 from vitviz.training.optim import lr_at, make_optimizer
 from vitviz.training.state import Generators, TrainState, load_state, read_state, save_state
@@ -244,10 +245,14 @@ class _Run:
         self.gens = Generators.seeded(config.seed, env.rank, self.device)
         self.optimizer = make_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay,
                                         betas=(config.beta1, config.beta2), device=self.device)
+        self.ema = WeightEma(self.model, config.ema) if config.ema > 0 else None
+        # What is validated, selected and saved: the averaged weights when there are any.
+        self.eval_model: nn.Module = self.ema.module if self.ema is not None else self.model
         self.state = TrainState()
         if self.resuming:
             self.state = load_state(self.out / STATE, model=self.model, optimizer=self.optimizer, gens=self.gens,
-                                    env=env, device=self.device)
+                                    env=env, device=self.device,
+                                    ema=None if self.ema is None else self.ema.module)
         self.forward_model: nn.Module = self.model
         if env.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -326,6 +331,8 @@ class _Run:
             if cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, self.state.global_step)
             self.state.global_step += 1
 
             loss = loss.detach()
@@ -360,7 +367,7 @@ class _Run:
         val = self.data.val
         shard = torch.arange(self.env.rank, len(val), self.env.world_size)  # no padding: sums are exact
         cm, loss_sum = confusion_and_loss(
-            self.model, val.images[shard], val.labels[shard], num_classes=self.data.num_classes,
+            self.eval_model, val.images[shard], val.labels[shard], num_classes=self.data.num_classes,
             mean=self.data.mean, std=self.data.std, batch_size=self.config.eval_batch_size, device=self.device,
             amp_dtype=self.amp_dtype, channels_last=self.memory_format == torch.channels_last,
         )
@@ -421,13 +428,14 @@ class _Run:
         if improved:
             self.state.best = {"epoch": self.state.epoch, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
             if self.env.is_main:
-                self._save(BEST, self.model, metrics)
+                self._save(BEST, self.eval_model, metrics)
         # The sidecar is the resume point: written after best (a kill in between re-runs this epoch,
         # which re-creates the same best) and before last (a kill in between is repaired on resume).
         save_state(self.out / STATE, model=self.model, optimizer=self.optimizer, gens=self.gens, state=self.state,
-                   config=self.config.to_dict(), env=self.env, device=self.device)
+                   config=self.config.to_dict(), env=self.env, device=self.device,
+                   ema=None if self.ema is None else self.ema.module)
         if self.env.is_main:
-            self._save(LAST, self.model, metrics)
+            self._save(LAST, self.eval_model, metrics)
             _write_jsonl(self.out / LOG, self.state.history)
 
     def _repair_last(self) -> None:
@@ -440,7 +448,7 @@ class _Run:
         row = self.state.history[-1] if self.state.history else {}
         metrics = {"epoch": self.state.epoch, "val_loss": row.get("val_loss"),
                    "val_accuracy": row.get("val_accuracy"), "val_macro_f1": row.get("val_macro_f1")}
-        self._save(LAST, self.model, metrics)
+        self._save(LAST, self.eval_model, metrics)
         _write_jsonl(self.out / LOG, self.state.history)
 
     def _finalize(self) -> dict[str, Any]:

@@ -71,8 +71,12 @@ def _rng_tensors(gens: Generators, device: torch.device) -> dict[str, torch.Tens
 
 
 def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, gens: Generators,
-               state: TrainState, config: dict[str, Any], env: DistEnv, device: torch.device) -> None:
-    """Write the sidecar (rank 0 writes; every rank must call, since RNG states are gathered)."""
+               state: TrainState, config: dict[str, Any], env: DistEnv, device: torch.device,
+               ema: nn.Module | None = None) -> None:
+    """Write the sidecar (rank 0 writes; every rank must call, since RNG states are gathered).
+
+    ``ema``: the weight average of a run with ``--ema``, stored beside the raw weights.
+    """
     rng: dict[str, torch.Tensor] = {}
     for name, value in _rng_tensors(gens, device).items():
         # Generator states are fixed-size byte tensors, so one all_gather per generator suffices.
@@ -82,6 +86,8 @@ def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
     if not env.is_main:
         return
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for index, slots in optimizer.state_dict()["state"].items():
         for key, value in slots.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
@@ -92,8 +98,8 @@ def save_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, gens: Generators,
-               env: DistEnv, device: torch.device) -> TrainState:
-    """Restore model, optimiser and this rank's generators from the sidecar; return the run's position."""
+               env: DistEnv, device: torch.device, ema: nn.Module | None = None) -> TrainState:
+    """Restore model, optimiser, weight average and this rank's generators; return the run's position."""
     tensors, meta = read_state(path)
     if meta.get("world_size") != env.world_size:
         raise TrainingError(
@@ -105,6 +111,11 @@ def load_state(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
         model.load_state_dict(model_sd, strict=True)
     except RuntimeError as err:
         raise TrainingError(f"{path} does not fit the model this run builds ({err}).") from err
+    if ema is not None:
+        ema_sd = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+        if not ema_sd:
+            raise TrainingError(f"{path} holds no weight average, but this run has --ema; resume without it.")
+        ema.load_state_dict(ema_sd, strict=True)
     opt_sd = optimizer.state_dict()
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
