@@ -244,7 +244,7 @@ def read_safetensors(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Validate and read a vitviz safetensors file: (tensors on ``device``, metadata dict)."""
     path = Path(path)
-    dev = _resolve_device(device)
+    dev = parse_device(device)
     metadata = _read_vitviz_metadata(path)
     try:
         tensors = safetensors.torch.load_file(str(path), device=str(dev))
@@ -262,7 +262,7 @@ def load_checkpoint(
     the tensors that match and ignores missing or unexpected keys; wrong shapes are always an error.
     """
     path = Path(path)
-    dev = _resolve_device(device)
+    dev = parse_device(device)
     meta = read_checkpoint_meta(path)
     from vitviz.models import build_model  # imported here: models import much; meta readers need none
 
@@ -603,7 +603,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> CUDA when available, else CPU; a ConfigError for a device this machine lacks."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

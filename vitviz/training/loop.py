@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vitviz.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from vitviz.checkpoint import load_checkpoint, parse_device, read_checkpoint_meta, save_checkpoint
 from vitviz.config import HybridConfig
 from vitviz.data import Augment, load_dataset, mixup_cutmix, normalize
 from vitviz.data.splits import DatasetSplits, Split
@@ -76,21 +76,13 @@ class TrainResult:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available; a ConfigError for devices this machine lacks."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu or auto.")
-        if dev.index is None:  # one process per GPU under torchrun
-            dev = torch.device("cuda", local_rank)
-        if dev.index >= torch.cuda.device_count():
+    """``auto`` -> CUDA when available; a ConfigError for devices this machine lacks or training can't use."""
+    dev = parse_device(name)  # parsed, and checked to exist on this machine
+    if dev.type == "cuda" and dev.index is None:  # one process per GPU under torchrun
+        dev = torch.device("cuda", local_rank)
+        if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"device {dev} does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
-    elif dev.type != "cpu":
+    elif dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported for training; use auto, cpu, cuda or cuda:N.")
     return dev
 
