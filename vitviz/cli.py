@@ -76,7 +76,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("model", "pooling", str, "ViT pooling: token | mean"),
     ("model", "width", int, "ResNet (hybrid: backbone) channels after the stem"),
     ("model", "layers", _int_list, "ResNet (hybrid: backbone) blocks per stage, e.g. 2,2,2"),
-    ("model", "init", str, "default | mimetic (attention init + sin-cos positions, for ViTs on small data)"),
+    ("model", "init", str, "default | mimetic (attention init + sin-cos positions) | conv (attention layers "
+                           "start as 3x3 convolutions); for ViTs on small data"),
     ("model", "dropout", float, "dropout rate"),
     ("model", "drop_path", float, "stochastic depth rate"),
     ("model", "attn_dropout", float, "attention-weight dropout"),

@@ -74,7 +74,7 @@ class TrainConfig:
     drop_path: float | None = None
     attn_dropout: float | None = None
     model_args: dict[str, Any] = field(default_factory=dict)  # any other config field of the model
-    init: str = "default"  # "default" (the model's own) or "mimetic" (attention + sin-cos positions; ViTs, hybrids)
+    init: str = "default"  # "default" (the model's own), "mimetic" or "conv" (training/init.py; ViTs, hybrids)
     # --- augmentation (batched, on the training device) ---
     crop_padding: int = 0
     flip: bool = False
