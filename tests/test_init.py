@@ -28,6 +28,7 @@ def test_every_head_starts_attending_to_its_neighbour(img_size, width, heads):
     conv_init(model)
     gh, gw = model.grid_size
     x = _scenes(img_size)  # real scenes, normalised as training normalises them
+    mass_by_layer = []
     for layer, attn in enumerate(capture_attention(model, x).attentions):
         patches = attn[:, :, 1:, 1:]  # (B, heads, N, N) among patch tokens
         for h in range(heads):
@@ -37,8 +38,12 @@ def test_every_head_starts_attending_to_its_neighbour(img_size, width, heads):
             k = torch.tensor([(r + dr) * gw + c + dc for r, c in queries])
             on_target = patches[:, h, q, k]  # (B, queries)
             hits = (patches[:, h, q].argmax(-1) == k).float().mean().item()
-            assert hits >= 0.95, (layer, h, hits)
-            assert on_target.mean().item() > 0.75, (layer, h)  # ~0.9 at the default sharpness
+            assert hits >= 0.9, (layer, h, hits)  # the peak sits on the neighbour in every layer
+            mass_by_layer.append((layer, on_target.mean().item()))
+    first = [m for layer, m in mass_by_layer if layer == 0]
+    last = [m for layer, m in mass_by_layer if layer == 2]
+    assert min(first) > 0.7  # layer 0: a sharp 3x3 kernel (~0.85 on the neighbour)
+    assert max(last) < min(first)  # deeper layers start wider (sharpness / (1 + layer))
 
 
 def test_conv_init_keeps_a_plain_vit_that_timm_loads():

@@ -114,7 +114,7 @@ def _shift_rotation(offset: tuple[int, int], freqs: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def conv_init(model: nn.Module, *, sharpness: float = 4.0, pos_scale: float = 4.0) -> None:
+def conv_init(model: nn.Module, *, sharpness: float = 4.0, pos_scale: float = 2.0) -> None:
     """Start every attention layer of a ViT or hybrid as a 3x3 convolution over the patch grid (in place).
 
     The position embedding gets 2-D Fourier codes at frequencies ``pi k / G`` (k = 1..K, G the longer
@@ -123,9 +123,9 @@ def conv_init(model: nn.Module, *, sharpness: float = 4.0, pos_scale: float = 4.
     the attention is, not where it peaks. The patch projection and the blocks' output layers start with
     zero weights into those channels, so every layer sees clean codes. Head h's query reads the codes
     rotated by its offset, its key the codes themselves: its logit for token j seen from token i is
-    ``sharpness * sum_k cos(w_k (pos_j - pos_i - offset_h))`` summed over both axes, maximal at the
-    neighbour (each layer calibrated for its LayerNorm scale). Values, outputs and MLPs are the kernel
-    weights: random, LeCun-normal.
+    ``sharpness / (1 + layer) * sum_k cos(w_k (pos_j - pos_i - offset_h))`` summed over both axes,
+    maximal at the neighbour (each layer calibrated for its LayerNorm scale). Values, outputs and MLPs
+    are the kernel weights: random, LeCun-normal.
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
@@ -179,7 +179,7 @@ def conv_init(model: nn.Module, *, sharpness: float = 4.0, pos_scale: float = 4.
 
 @torch.no_grad()
 def _calibrate_sharpness(model: nn.Module, n_code: int, sharpness: float) -> None:
-    """Scale each layer's positional query/key weights so its logits peak at ``sharpness`` per code pair.
+    """Scale each layer's positional query/key weights so its logits peak at ``sharpness / (1 + layer)``.
 
     LayerNorm divides the codes by the token's scale, which grows with depth as unit-gain blocks add to
     the residual stream; a forward pass on a unit-variance random batch (what normalised images look
@@ -192,11 +192,13 @@ def _calibrate_sharpness(model: nn.Module, n_code: int, sharpness: float) -> Non
     was_training = model.training
     model.eval()  # no dropout or stochastic depth in the measurement
     x = model._embed(torch.randn(8, model.vit_config.in_chans, size, size, generator=gen).to(device))  # (8, 1+N, D)
-    for block in model.blocks:
+    for layer, block in enumerate(model.blocks):
         attn, dim = block.attn, block.attn.qkv.in_features
         tokens = x[:, model.num_prefix_tokens:]  # (8, N, D)
         scale = tokens.var(dim=-1, unbiased=False).add(block.norm1.eps).sqrt().mean().item()
-        gain = math.sqrt(sharpness * math.sqrt(attn.head_dim)) * scale
+        # sharpness / (1 + layer): local kernels first, wider ones deeper (ConViT's trained ViTs end so;
+        # on shapes, equally sharp heads in every layer left chance about an epoch later)
+        gain = math.sqrt(sharpness / (1 + layer) * math.sqrt(attn.head_dim)) * scale
         wq, wk, _ = attn.qkv.weight.view(3, dim, dim)
         for h in range(attn.num_heads):
             rows = slice(h * attn.head_dim, h * attn.head_dim + n_code)
