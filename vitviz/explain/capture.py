@@ -130,7 +130,7 @@ def _make_explicit_forward(records: list[torch.Tensor]):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        scores = (q @ k.transpose(-2, -1)).mul_(self.scale)  # (B, heads, N, N); in place: one pass fewer
+        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N); q is N x hd, cheaper to scale
         bias = _additive_mask(N, scores, attn_mask, is_causal)
         if bias is not None:
             scores = scores + bias
