@@ -41,6 +41,7 @@ from vitviz.explain import (
     rollout_row,
     upsample_maps,
 )
+from vitviz.runtime import tune_allocator
 
 TARGET = 1.05
 
@@ -129,7 +130,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", choices=("ours", "timm"), default=None)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc settings alone (the vitviz CLI and dashboard tune them)")
     args = parser.parse_args()
+    tuned = False if args.default_allocator else tune_allocator()
+    print(f"allocator tuned as in the vitviz CLI and dashboard (vitviz.runtime): {'yes' if tuned else 'no'}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

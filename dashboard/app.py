@@ -15,6 +15,9 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard
 
 import streamlit as st  # noqa: E402
 
+from vitviz.runtime import tune_allocator  # noqa: E402
+
+tune_allocator()  # keep freed tensor memory for reuse: faster forwards and explanations (vitviz/runtime.py)
 st.set_page_config(page_title="vitviz — what Vision Transformers see", page_icon=":material/blur_on:", layout="wide")
 
 if st.get_option("server.fileWatcherType") != "none":

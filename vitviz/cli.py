@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vitviz.errors import ConfigError, TrainingError, VitvizError
+from vitviz.runtime import tune_allocator
 
 # --- vitviz train: flag -> (TrainConfig field, type, help); defaults come from TrainConfig ---------
 
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failed run, 2 bad arguments or files, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    tune_allocator()  # an application's process: keep freed tensor memory for reuse (vitviz/runtime.py)
     try:
         return int(args.func(args))
     except TrainingError as err:  # the run could not start or go on (e.g. a non-finite loss)
