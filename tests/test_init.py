@@ -77,3 +77,23 @@ def test_conv_init_refuses_what_it_cannot_build():
         apply_init(torch.nn.Identity(), "conv", "resnet")
     with pytest.raises(ConfigError, match="init must be one of"):
         TrainConfig(model="vit_p4_d8_32", dataset="digits", epochs=1, out="unused", init="convolutional")
+
+
+def test_a_training_run_with_init_conv_starts_from_it_and_saves_a_plain_vit(tmp_path):
+    from vitviz.checkpoint import load_checkpoint
+    from vitviz.training import train
+
+    config = TrainConfig.from_dict({
+        "model": "vit_p4_d8_32", "dataset": "shapes", "img_size": 32, "embed_dim": 96, "depth": 1, "num_heads": 8,
+        "pooling": "mean", "init": "conv", "epochs": 1, "warmup_epochs": 0, "limit_train": 64, "limit_eval": 32,
+        "batch_size": 32, "threads": 1, "progress": False, "lr": 1e-4, "out": str(tmp_path / "run"),
+    })
+    result = train(config)
+    model, meta = load_checkpoint(result.best_path)
+    assert meta.train_config["init"] == "conv" and meta.family == "vit"
+    # two small steps later the heads still look at their neighbours: the run started from the conv init
+    attn = capture_attention(model, _scenes(32, 4)).attentions[0][:, :, 1:, 1:]  # (B, heads, 64, 64)
+    dr, dc = _CONV_OFFSETS[0]
+    queries = [(r, c) for r in range(8) for c in range(8) if 0 <= r + dr < 8 and 0 <= c + dc < 8]
+    k = torch.tensor([(r + dr) * 8 + c + dc for r, c in queries])
+    assert (attn[:, 0, [r * 8 + c for r, c in queries]].argmax(-1) == k).float().mean() > 0.8
