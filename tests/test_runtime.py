@@ -10,9 +10,9 @@ import pytest
 from vitviz.runtime import tune_allocator
 
 # Capture a ViT-S/16's attention (12 layers x 0.9 MB kept alive, MB-sized MLP activations) 5 times after a
-# warm-up; print the median number of minor page faults one capture costs.
+# warm-up; print the minor page faults the 5 captures cost together.
 _PROBE = """
-import resource, statistics, sys, torch, vitviz
+import resource, sys, torch, vitviz
 from vitviz.explain import capture_attention
 from vitviz.runtime import tune_allocator
 tuned = tune_allocator() if sys.argv[1] == "tune" else False
@@ -26,7 +26,7 @@ for _ in range(5):
     before = faults()
     capture_attention(model, x)
     costs.append(faults() - before)
-print(int(tuned), int(statistics.median(costs)))
+print(int(tuned), sum(costs))
 """
 
 
@@ -42,8 +42,9 @@ def test_tuned_allocator_reuses_freed_tensor_memory_between_captures():
     _, faults_default = _faults("default")
     assert tuned
     # glibc's default: MB-sized blocks come from fresh mmaps (or a trimmed heap) and fault in again on
-    # every call, ~8,000 pages here; tuned, a capture reuses what the last one freed
-    assert faults_default > 2000
+    # most calls, 1,700-10,000 pages per capture here; tuned, a capture reuses what the last one freed
+    # (0-550 pages for all five)
+    assert faults_default > 5000
     assert faults_tuned < faults_default / 5
 
 
