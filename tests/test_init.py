@@ -46,6 +46,21 @@ def test_every_head_starts_attending_to_its_neighbour(img_size, width, heads):
     assert max(last) < min(first)  # deeper layers start wider (sharpness / (1 + layer))
 
 
+def test_conv_init_starts_a_hybrid_s_first_layer_as_a_convolution_over_its_cnn_tokens():
+    torch.manual_seed(0)
+    model = create_model("hybrid_r18_vit_32", img_size=32, backbone_layers=(1, 1, 1), backbone_width=16,
+                         embed_dim=64, depth=2, num_heads=8, num_classes=8).eval()
+    conv_init(model)  # calibrated on what the CNN makes of a random batch
+    gh, gw = model.grid_size
+    patches = capture_attention(model, _scenes(32)).attentions[0][:, :, 1:, 1:]  # (B, heads, N, N)
+    for h in range(8):
+        dr, dc = _CONV_OFFSETS[h]
+        queries = [(r, c) for r in range(gh) for c in range(gw) if 0 <= r + dr < gh and 0 <= c + dc < gw]
+        k = torch.tensor([(r + dr) * gw + c + dc for r, c in queries])
+        hits = (patches[:, h, [r * gw + c for r, c in queries]].argmax(-1) == k).float().mean().item()
+        assert hits >= 0.9, (h, hits)
+
+
 def test_conv_init_keeps_a_plain_vit_that_timm_loads():
     torch.manual_seed(0)
     model = create_model("vit_p4_d8_32", img_size=32, embed_dim=96, depth=2, num_heads=8, pooling="mean",

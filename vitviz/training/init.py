@@ -9,9 +9,11 @@ includes "is nearby". A ViT then starts with a locality prior instead of uniform
 accuracy in about half the epochs.
 
 ``conv`` (after Cordonnier, Loukas & Jaggi, "On the Relationship between Self-Attention and Convolutional
-Layers", ICLR 2020): every layer starts as a 3x3 convolution over the patch grid. Head h attends, sharply,
-to the token at a fixed offset (up, down, left, right, the diagonals), so a layer's output is a sum of
-per-offset linear maps of the neighbours: a convolution whose kernel is the heads' value/output weights.
+Layers", ICLR 2020): every layer starts as a 3x3 convolution over the patch grid. Head h attends to the
+token at a fixed offset (up, down, left, right, the diagonals; sharply in the first layer, more widely
+deeper), so a layer's output is a sum of per-offset linear maps of the neighbours: a convolution whose
+kernel is the heads' value/output weights. On ``shapes`` it took the ViT from 95.2 % after 30 epochs
+(mimetic) to 98.8 % after 16 (checkpoints/README.md).
 Cordonnier et al. use relative position encodings; a plain ViT only has absolute ones, so the position
 embedding starts as 2-D Fourier codes and each head's query *rotates* them by its offset (a shift of a
 sin-cos code is a rotation), which puts its logit maximum exactly on the neighbour. ConViT (d'Ascoli et
