@@ -13,7 +13,6 @@ glibc's own knobs, with no preload.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 __all__ = ["tune_allocator"]
@@ -38,7 +37,7 @@ def tune_allocator(libc_name: str | None = None) -> bool:
     ok = False
     if sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(libc_name or ctypes.util.find_library("c") or "libc.so.6")
+            libc = ctypes.CDLL(libc_name)  # None: the process's own symbols, the C library it runs on included
             mallopt = libc.mallopt  # AttributeError where the C library has no mallopt (e.g. musl)
             ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         except (OSError, AttributeError):

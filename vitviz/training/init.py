@@ -41,15 +41,20 @@ _CONV_OFFSETS: tuple[tuple[int, int], ...] = (
 )
 
 
-def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """2-D sin-cos position codes (gh*gw, dim): half the channels encode the row, half the column."""
+def _grid_coords(grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index of every patch, row-major, (gh*gw,) each, float64."""
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
                                 indexing="ij")
+    return rows.flatten(), cols.flatten()
+
+
+def sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """2-D sin-cos position codes (gh*gw, dim): half the channels encode the row, half the column."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))  # (dim/4,)
     parts = []
-    for pos in (rows.flatten(), cols.flatten()):
+    for pos in _grid_coords(grid):
         angle = pos[:, None] * omega[None]  # (gh*gw, dim/4)
         parts += [angle.sin(), angle.cos()]
     codes = torch.cat(parts, dim=1)  # (gh*gw, 4 * (dim/4))
@@ -95,11 +100,8 @@ def mimetic_init(model: nn.Module, *, qk: tuple[float, float] = (0.7, 0.7), vo: 
 
 def _fourier_codes(grid: tuple[int, int], freqs: torch.Tensor) -> torch.Tensor:
     """(gh*gw, 4K) codes [cos, sin](w_k * row) ++ [cos, sin](w_k * col), interleaved per frequency."""
-    gh, gw = grid
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
     parts = []
-    for pos in (rows.flatten(), cols.flatten()):
+    for pos in _grid_coords(grid):
         angle = pos[:, None] * freqs[None]  # (N, K)
         parts.append(torch.stack([angle.cos(), angle.sin()], dim=-1).flatten(1))  # (N, 2K)
     return torch.cat(parts, dim=1)  # (N, 4K)
