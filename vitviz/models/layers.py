@@ -6,6 +6,8 @@ state dict loads into our models unchanged and ours into timm's.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +39,11 @@ class Attention(nn.Module):
     that gradient-based explanations can differentiate through them.
     """
 
+    # Training on CPU takes the explicit path too: PyTorch's CPU flash kernel is slow for the few tokens
+    # and small heads of the models trained here, its backward most of all (benchmarks/bench_attention.py).
+    # Inference keeps the fused kernel, which is the faster one there. A class switch, for that benchmark.
+    explicit_cpu_training: ClassVar[bool] = True
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -53,11 +60,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
         weights = None
-        if need_weights:
+        if need_weights or (self.training and x.is_cpu and self.explicit_cpu_training):
             # scale q (N x hd) rather than the N x N scores: measured at ViT-B/16 size, 1 thread, 2.02 vs
             # 2.18 ms per layer (fused: 1.96); explanations pay for this path (bench_rollout.py)
-            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
-            x = self.attn_drop(weights) @ v  # (B, heads, N, hd)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
+            x = self.attn_drop(attn) @ v  # (B, heads, N, hd)
+            weights = attn if need_weights else None
         else:
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
