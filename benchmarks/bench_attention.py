@@ -1,7 +1,7 @@
 """Training on CPU: PyTorch's fused attention kernel vs our explicit softmax(q k^T) v, side by side.
 
-``vitviz.models.layers.Attention`` trains on the explicit path when the model is on a CPU
-(``Attention.explicit_cpu_training``) and this script is the measurement behind that default. A step
+``vitviz train --attention auto`` (the default) trains our ViTs and hybrids on the explicit path when
+the model is on a CPU, and this script is the measurement behind that default. A step
 is forward + label-smoothed cross-entropy + backward + gradient clipping + AdamW, on the shipped
 recipes' models and batch sizes and on ViT-Ti/16 at 224 px. In each paired repeat both paths take a
 few steps (in alternating order) on the same model and batch; the ratio explicit/fused of that
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bench_rollout import median_interval  # the same bootstrap as the rollout benchmark
 
 from vitviz.models import build_model, preset_config
-from vitviz.models.layers import Attention
+from vitviz.models.layers import set_training_attention
 from vitviz.runtime import tune_allocator
 from vitviz.training.optim import make_optimizer
 
@@ -39,8 +39,8 @@ CASES: dict[str, tuple[str, dict, int]] = {
 }
 
 
-def make_step(name: str) -> tuple[Callable[[], None], int]:
-    """A closure running one training step of case ``name``, and its batch size."""
+def make_step(name: str) -> tuple[Callable[[], None], torch.nn.Module]:
+    """A closure running one training step of case ``name``, and its model."""
     preset, overrides, batch = CASES[name]
     torch.manual_seed(0)
     family, config = preset_config(preset, **overrides)
@@ -57,12 +57,12 @@ def make_step(name: str) -> tuple[Callable[[], None], int]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    return step, batch
+    return step, model
 
 
-def timed_steps(step: Callable[[], None], explicit: bool, steps: int) -> float:
+def timed_steps(step: Callable[[], None], model: torch.nn.Module, explicit: bool, steps: int) -> float:
     """Seconds per step over ``steps`` steps with the chosen attention path."""
-    Attention.explicit_cpu_training = explicit
+    set_training_attention(model, "explicit" if explicit else "fused")
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -71,17 +71,16 @@ def timed_steps(step: Callable[[], None], explicit: bool, steps: int) -> float:
 
 def bench(name: str, repeats: int, steps: int) -> tuple[float, float, float, tuple[float, float]]:
     """(fused ms/step, explicit ms/step, median ratio explicit/fused, its 95 % interval)."""
-    step, _ = make_step(name)
+    step, model = make_step(name)
     for explicit in (False, True):  # warm both paths' kernels and the allocator
-        timed_steps(step, explicit, 2)
+        timed_steps(step, model, explicit, 2)
     fused, explicit, ratios = [], [], []
     for r in range(repeats):
         order = (False, True) if r % 2 else (True, False)  # alternate who goes first
-        t = {e: timed_steps(step, e, steps) for e in order}
+        t = {e: timed_steps(step, model, e, steps) for e in order}
         fused.append(t[False])
         explicit.append(t[True])
         ratios.append(t[True] / t[False])
-    Attention.explicit_cpu_training = True
     return (1000 * statistics.median(fused), 1000 * statistics.median(explicit), statistics.median(ratios),
             median_interval(ratios))
 

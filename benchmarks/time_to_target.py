@@ -37,7 +37,7 @@ def retrain(path: Path, threads: int | None, workdir: Path) -> Path:
                      "stop_after": None})
     if threads is not None:
         settings["threads"] = threads
-    return train(TrainConfig.from_dict(settings)).best_path
+    return train(TrainConfig.from_saved(settings)).best_path
 
 
 def main() -> None:

@@ -142,7 +142,8 @@ def test_train_command_reproduces_a_config():
 
     config = TrainConfig(model="hybrid_r18_vit_32", dataset="shapes", epochs=11, out="somewhere", img_size=32,
                          layers=(1, 1, 1), width=16, pooling="mean", init="mimetic", flip=True, lr=2e-3,
-                         progress=False, model_args={"backbone_block": "basic"}, clip_grad=0.0)
+                         progress=False, model_args={"backbone_block": "basic"}, clip_grad=0.0,
+                         attention="fused")
     command = train_command(config, out="runs/x")
     assert command.startswith("vitviz train --model hybrid_r18_vit_32 --dataset shapes --epochs 11")
     assert "--progress" not in command and "--no-progress" not in command and "--lr 0.002" in command

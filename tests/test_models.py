@@ -12,7 +12,7 @@ import vitviz
 from vitviz.config import ViTConfig
 from vitviz.errors import ConfigError, WeightsUnavailableError
 from vitviz.models import VisionTransformer, build_model, from_timm, list_models, to_timm
-from vitviz.models.layers import Attention, resample_pos_embed
+from vitviz.models.layers import resample_pos_embed, set_training_attention
 
 SMALL = {"vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5),
          "hybrid": dict(img_size=64, embed_dim=32, depth=1, num_heads=2, num_classes=5, backbone_width=8),
@@ -112,9 +112,9 @@ def test_fused_and_explicit_attention_agree() -> None:
         torch.testing.assert_close(a.sum(-1), torch.ones(3, 4, 65))
 
 
-@pytest.mark.parametrize("explicit", [True, False])
-def test_cpu_training_path_matches_fused_in_values_and_gradients(explicit: bool, monkeypatch) -> None:
-    # Training on CPU defaults to the explicit path (faster there); it must train the same model.
+@pytest.mark.parametrize(("path", "fused_calls"), [("auto", False), ("explicit", False), ("fused", True)])
+def test_training_attention_paths_train_the_same_model(path: str, fused_calls: bool, monkeypatch) -> None:
+    # Training on CPU defaults to the explicit path (faster there); every path must train the same model.
     model = randomize(vitviz.create_model("vit_p4_d8_32", depth=2, embed_dim=48, num_heads=4)).train()
     x = torch.randn(4, 3, 32, 32)
 
@@ -131,19 +131,24 @@ def test_cpu_training_path_matches_fused_in_values_and_gradients(explicit: bool,
         calls.append(1)
         return fused_kernel(*args, **kwargs)
 
-    monkeypatch.setattr(Attention, "explicit_cpu_training", explicit)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_kernel)
-    loss, grads = loss_and_grads()
-    assert bool(calls) is not explicit  # the switch picks the path
-    monkeypatch.undo()
+    set_training_attention(model, path)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_kernel)
+        loss, grads = loss_and_grads()
+    assert bool(calls) is fused_calls  # the setting picks the path
     with torch.no_grad():
         reference = model.eval()(x)  # eval: always the fused kernel
     model.train()
     torch.testing.assert_close(loss, reference.square().mean(), rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(Attention, "explicit_cpu_training", not explicit)
+    set_training_attention(model, "explicit" if fused_calls else "fused")
     _, other = loss_and_grads()
     for g, h in zip(grads, other, strict=True):
         torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_training_attention_path_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown attention path 'flash'.*auto, fused, explicit"):
+        set_training_attention(vitviz.create_model("vit_p8_d8_32", depth=1), "flash")
 
 
 def test_attention_weights_are_differentiable() -> None:

@@ -430,3 +430,28 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
     assert rows[-1]["val_loss"] == pytest.approx(report["loss"], rel=1e-4)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["test_accuracy"] == meta.metrics["test_accuracy"]
+
+
+@pytest.mark.parametrize(("attention", "fused_in_training"), [("auto", False), ("fused", True)])
+def test_attention_setting_picks_the_training_kernel(tmp_path, monkeypatch, attention, fused_in_training):
+    fused_kernel = torch.nn.functional.scaled_dot_product_attention
+    grad_calls = []
+
+    def counted_kernel(*args, **kwargs):
+        grad_calls.append(torch.is_grad_enabled())  # True: a training forward; False: validation
+        return fused_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_kernel)
+    train(_config(tmp_path / attention, attention=attention, epochs=1))
+    assert any(grad_calls) is fused_in_training
+    assert grad_calls.count(False) > 0  # validation and test always take the fused kernel
+
+
+def test_configs_saved_before_the_attention_setting_rerun_with_the_fused_kernel(tmp_path):
+    legacy = _config(tmp_path).to_dict()
+    del legacy["attention"]  # what runs and checkpoints written before the setting hold
+    assert TrainConfig.from_saved(legacy).attention == "fused"
+    assert TrainConfig.from_dict(legacy).attention == "auto"  # new configs default to auto
+    assert TrainConfig.from_saved(_config(tmp_path, attention="explicit").to_dict()).attention == "explicit"
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        _config(tmp_path, attention="flash")

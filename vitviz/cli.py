@@ -98,6 +98,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("data", "limit_eval", int, "use only this many validation and test images (smoke tests)"),
     ("data", "eval_batch_size", int, "evaluation batch size (default 512)"),
     ("speed", "amp", str, "auto (bf16 on CUDA, off on CPU) | bf16 | off"),
+    ("speed", "attention", str, "training attention kernel: auto (explicit on CPU, fused on GPU) | fused | explicit"),
     ("speed", "compile", bool, "torch.compile the model"),
     ("speed", "channels_last", str, "auto (on for CNNs) | on | off"),
 ]

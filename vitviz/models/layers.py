@@ -6,11 +6,11 @@ state dict loads into our models unchanged and ours into timm's.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vitviz.errors import ConfigError
 
 
 class PatchEmbed(nn.Module):
@@ -39,10 +39,11 @@ class Attention(nn.Module):
     that gradient-based explanations can differentiate through them.
     """
 
-    # Training on CPU takes the explicit path too: PyTorch's CPU flash kernel is slow for the few tokens
-    # and small heads of the models trained here, its backward most of all (benchmarks/bench_attention.py).
-    # Inference keeps the fused kernel, which is the faster one there. A class switch, for that benchmark.
-    explicit_cpu_training: ClassVar[bool] = True
+    # The kernel a training forward uses (set_training_attention). "auto" trains on the explicit path on
+    # CPUs: PyTorch's CPU flash kernel is slow for the few tokens and small heads of the models trained
+    # here, its backward most of all (benchmarks/bench_attention.py). Inference keeps the fused kernel,
+    # which is the faster one there.
+    training_path: str = "auto"
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
         weights = None
-        if need_weights or (self.training and x.is_cpu and self.explicit_cpu_training):
+        if need_weights or self._trains_explicitly(x):
             # scale q (N x hd) rather than the N x N scores: measured at ViT-B/16 size, 1 thread, 2.02 vs
             # 2.18 ms per layer (fused: 1.96); explanations pay for this path (bench_rollout.py)
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, N, N)
@@ -72,6 +73,24 @@ class Attention(nn.Module):
             )  # (B, heads, N, hd)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
         return self.proj_drop(self.proj(x)), weights
+
+    def _trains_explicitly(self, x: torch.Tensor) -> bool:
+        if not self.training:
+            return False
+        return self.training_path == "explicit" or (self.training_path == "auto" and x.is_cpu)
+
+
+ATTENTION_PATHS = ("auto", "fused", "explicit")
+
+
+def set_training_attention(model: nn.Module, path: str) -> None:
+    """Choose the kernel every :class:`Attention` of ``model`` trains with: ``"auto"`` (explicit on
+    CPU, fused elsewhere), ``"fused"`` or ``"explicit"``. Results agree to float rounding; speed differs."""
+    if path not in ATTENTION_PATHS:
+        raise ConfigError(f"unknown attention path {path!r}; choose one of {', '.join(ATTENTION_PATHS)}.")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.training_path = path
 
 
 class Mlp(nn.Module):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from vitviz.errors import ConfigError, TrainingError
+from vitviz.models.layers import ATTENTION_PATHS
 from vitviz.training.init import INITS
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -94,6 +95,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     # --- speed ---
     amp: str = "auto"  # "auto": bf16 autocast on CUDA, off on CPU (measured slower there); "bf16"; "off"
+    attention: str = "auto"  # ViT/hybrid training kernel: "auto" (explicit on CPU), "fused", "explicit"
     compile: bool = False  # torch.compile the model for training
     channels_last: str = "auto"  # "auto": on for CNN families (resnet, hybrid); "on"; "off"
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
@@ -138,6 +140,7 @@ class TrainConfig:
         _choice(self, "init", INITS)
         _choice(self, "select", SELECTIONS)
         _choice(self, "amp", AMP_MODES)
+        _choice(self, "attention", ATTENTION_PATHS)
         _choice(self, "channels_last", SWITCHES)
 
     def model_overrides(self) -> dict[str, Any]:
@@ -172,6 +175,16 @@ class TrainConfig:
             return cls(**data)
         except TypeError as err:
             raise ConfigError(f"incomplete training settings: {err}") from err
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild the config a run or checkpoint stored, as that run executed it.
+
+        Settings added since then take the value that reproduces the old behaviour: ``attention``
+        is ``"fused"`` (training always used the fused kernel before the setting existed), so a
+        resumed or re-run old run computes what it computed then.
+        """
+        return cls.from_dict({"attention": "fused", **data})
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated again)."""

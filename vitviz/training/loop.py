@@ -33,6 +33,7 @@ from vitviz.data.splits import DatasetSplits, Split
 from vitviz.errors import ConfigError, TrainingError, VitvizError
 from vitviz.evaluate import autocast, confusion_and_loss, evaluate
 from vitviz.metrics import classification_report
+from vitviz.models.layers import set_training_attention
 from vitviz.models.registry import ModelConfig, build_model, preset_config
 from vitviz.training import distributed
 from vitviz.training.config import TrainConfig, check_resume_compatible
@@ -114,7 +115,7 @@ def saved_config(out: str | os.PathLike) -> TrainConfig | None:
     if not path.exists():
         return None
     _, meta = read_state(path)
-    return TrainConfig.from_dict(meta["config"])
+    return TrainConfig.from_saved(meta["config"])
 
 
 def _prepare_out(config: TrainConfig, out: Path) -> bool:
@@ -227,6 +228,7 @@ class _Run:
         torch.manual_seed(config.seed)  # model initialisation: the same on every rank
         model = build_model(self.family, self.model_cfg)
         apply_init(model, config.init, self.family)
+        set_training_attention(model, config.attention)
         self.model = model.to(self.device)
         self.num_params = sum(p.numel() for p in self.model.parameters())
         use_cl = config.channels_last == "on" or (config.channels_last == "auto" and self.family in CNN_FAMILIES)
