@@ -113,7 +113,7 @@ def test_fused_and_explicit_attention_agree() -> None:
 
 
 @pytest.mark.parametrize(("path", "fused_calls"), [("auto", False), ("explicit", False), ("fused", True)])
-def test_training_attention_paths_train_the_same_model(path: str, fused_calls: bool, monkeypatch) -> None:
+def test_training_attention_paths_train_the_same_model(path: str, fused_calls: bool, request) -> None:
     # Training on CPU defaults to the explicit path (faster there); every path must train the same model.
     model = randomize(vitviz.create_model("vit_p4_d8_32", depth=2, embed_dim=48, num_heads=4)).train()
     x = torch.randn(4, 3, 32, 32)
@@ -124,17 +124,9 @@ def test_training_attention_paths_train_the_same_model(path: str, fused_calls: b
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
-    fused_kernel = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def counted_kernel(*args, **kwargs) -> torch.Tensor:
-        calls.append(1)
-        return fused_kernel(*args, **kwargs)
-
     set_training_attention(model, path)
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_kernel)
-        loss, grads = loss_and_grads()
+    calls = request.getfixturevalue("fused_attention_calls")  # counting from here on
+    loss, grads = loss_and_grads()
     assert bool(calls) is fused_calls  # the setting picks the path
     with torch.no_grad():
         reference = model.eval()(x)  # eval: always the fused kernel

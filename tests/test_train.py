@@ -433,18 +433,10 @@ def test_torchrun_two_processes_with_gloo(tmp_path):
 
 
 @pytest.mark.parametrize(("attention", "fused_in_training"), [("auto", False), ("fused", True)])
-def test_attention_setting_picks_the_training_kernel(tmp_path, monkeypatch, attention, fused_in_training):
-    fused_kernel = torch.nn.functional.scaled_dot_product_attention
-    grad_calls = []
-
-    def counted_kernel(*args, **kwargs):
-        grad_calls.append(torch.is_grad_enabled())  # True: a training forward; False: validation
-        return fused_kernel(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted_kernel)
+def test_attention_setting_picks_the_training_kernel(tmp_path, fused_attention_calls, attention, fused_in_training):
     train(_config(tmp_path / attention, attention=attention, epochs=1))
-    assert any(grad_calls) is fused_in_training
-    assert grad_calls.count(False) > 0  # validation and test always take the fused kernel
+    assert any(fused_attention_calls) is fused_in_training  # True entries: calls in a training forward
+    assert fused_attention_calls.count(False) > 0  # validation and test always take the fused kernel
 
 
 def test_configs_saved_before_the_attention_setting_rerun_with_the_fused_kernel(tmp_path):
