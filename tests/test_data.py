@@ -27,6 +27,7 @@ from vitviz.data import (
     make_shapes,
     mixup_cutmix,
     normalize,
+    random_erase,
 )
 from vitviz.data.augment import _affine_matrices, _warp
 from vitviz.data.datasets import build_splits, resize_masks
@@ -562,6 +563,33 @@ def test_mixup_off_returns_one_hot_and_normalize():
     torch.testing.assert_close(normalize(u8.float() / 255, mean, std), expected)
     with pytest.raises(ConfigError):
         normalize(u8, mean, (0.2, 0.0, 0.1))
+
+
+def test_random_erase_blanks_one_rectangle_per_chosen_image():
+    b, h, w = 400, 16, 24
+    x = torch.randn(b, 3, h, w) + 5.0  # no pixel is 0 before erasing
+    out = random_erase(x, 0.5, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    erased = out == 0  # (B, 3, H, W)
+    assert torch.equal(erased.all(1), erased.any(1)), "every channel of an erased pixel is the fill"
+    kept = ~erased
+    assert torch.equal(out[kept], x[kept]), "pixels outside the rectangle are untouched"
+    hit = erased.all(1)  # (B, H, W)
+    chosen = hit.flatten(1).any(1)  # (B,)
+    assert 0.4 < chosen.float().mean() < 0.6  # prob 0.5 per image
+    for i in torch.nonzero(chosen).flatten().tolist():
+        rows, cols = hit[i].any(1).nonzero().flatten(), hit[i].any(0).nonzero().flatten()
+        # one solid rectangle: its bounding box is all erased
+        assert hit[i, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert int(hit[i].sum()) == len(rows) * len(cols) and len(rows) == rows.max() - rows.min() + 1
+        assert int(hit[i].sum()) <= h * w / 3 + max(h, w) + 1  # at most a third of the image (plus rounding)
+    again = random_erase(x, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
+    assert torch.equal(random_erase(x, 0.0), x)
+    assert random_erase(x, 1.0).eq(0).all(1).flatten(1).any(1).all()
+    assert random_erase(x, 1.0, fill=-7.0).eq(-7.0).all(1).flatten(1).any(1).all()
+    with pytest.raises(ConfigError, match="random-erasing probability"):
+        random_erase(x, 1.5)
 
 
 def test_split_subset_keeps_masks():

@@ -30,8 +30,10 @@ from vitviz.training.ema import WeightEma
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = {"model": "vit_p4_d8_32", "img_size": 16, "embed_dim": 16, "depth": 1, "num_heads": 2}
-# Dropout, stochastic depth, affine + crop augmentation and MixUp/CutMix: every random stream is in use.
-RANDOMISED = {"dropout": 0.1, "drop_path": 0.1, "affine": True, "crop_padding": 2, "mixup": 0.2, "cutmix": 0.5}
+# Dropout, stochastic depth, affine + crop augmentation, MixUp/CutMix and random erasing: every random stream
+# is in use.
+RANDOMISED = {"dropout": 0.1, "drop_path": 0.1, "affine": True, "crop_padding": 2, "mixup": 0.2, "cutmix": 0.5,
+              "random_erase": 0.25}
 # ... and a weight average, whose state the sidecar must carry too
 RESUME_RUN = {**TINY_VIT, **RANDOMISED, "dataset": "digits", "epochs": 4, "limit_train": 480, "limit_eval": 40,
               "batch_size": 8, "seed": 3, "ema": 0.9}
@@ -375,6 +377,8 @@ def test_bad_settings_fail_before_any_work(tmp_path):
         _config(out, warmup_epochs=5)
     with pytest.raises(ConfigError, match="ema must be"):
         _config(out, ema=1.0)
+    with pytest.raises(ConfigError, match="random_erase must be"):
+        _config(out, random_erase=1.5)
     assert not out.exists(), "nothing is written for a run that cannot start"
 
 
@@ -447,3 +451,23 @@ def test_configs_saved_before_the_attention_setting_rerun_with_the_fused_kernel(
     assert TrainConfig.from_saved(_config(tmp_path, attention="explicit").to_dict()).attention == "explicit"
     with pytest.raises(ConfigError, match="attention must be one of"):
         _config(tmp_path, attention="flash")
+
+
+def test_random_erasing_reaches_every_training_batch(tmp_path, monkeypatch):
+    real = loop_module.random_erase
+    batches: list[torch.Tensor] = []
+
+    def spied(x: torch.Tensor, prob: float, generator=None) -> torch.Tensor:
+        out = real(x, prob, generator)
+        batches.append(out.eq(0).all(1).flatten(1).any(1))  # (B,) images with a mean-colour rectangle
+        return out
+
+    monkeypatch.setattr(loop_module, "random_erase", spied)
+    train(_config(tmp_path / "off", epochs=1))
+    assert not batches, "off by default"
+    result = train(_config(tmp_path / "on", epochs=1, random_erase=1.0))
+    assert len(batches) == 2  # 64 images in batches of 32
+    assert all(b.all() for b in batches), "probability 1 erases a rectangle in every image"
+    saved = load_checkpoint(tmp_path / "on" / "last.safetensors")[1]
+    assert saved.train_config["random_erase"] == 1.0
+    assert result.finished

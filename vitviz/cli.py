@@ -91,6 +91,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("augmentation", "randaugment", bool, "RandAugment (2 ops, magnitude 9)"),
     ("augmentation", "mixup", float, "MixUp alpha, 0 = off"),
     ("augmentation", "cutmix", float, "CutMix alpha, 0 = off"),
+    ("augmentation", "random_erase", float, "probability of random erasing: one rectangle per image set to the "
+                                            "mean colour (DeiT: 0.25; default 0 = off)"),
     ("data", "data_root", str, "folder of the dataset files (torchvision sets, imagefolder)"),
     ("data", "download", bool, "download a missing torchvision dataset"),
     ("data", "train_fraction", float, "train on this stratified fraction of the training split (default 1)"),

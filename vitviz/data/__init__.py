@@ -5,7 +5,7 @@ train split's per-channel mean/std; ``make_shapes`` renders the procedural shape
 ground-truth object masks; :mod:`vitviz.data.augment` augments batches on the training device.
 """
 
-from vitviz.data.augment import Augment, mixup_cutmix, normalize
+from vitviz.data.augment import Augment, mixup_cutmix, normalize, random_erase
 from vitviz.data.datasets import default_data_root, list_datasets, load_dataset
 from vitviz.data.shapes import SHAPE_CLASSES, make_shapes
 from vitviz.data.splits import DatasetSplits, Split
@@ -21,4 +21,5 @@ __all__ = [
     "make_shapes",
     "mixup_cutmix",
     "normalize",
+    "random_erase",
 ]

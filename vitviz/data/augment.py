@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vitviz.errors import ConfigError
 
-__all__ = ["RANDAUGMENT_OPS", "Augment", "mixup_cutmix", "normalize"]
+__all__ = ["RANDAUGMENT_OPS", "Augment", "mixup_cutmix", "normalize", "random_erase"]
 
 # Equalize is left out: a per-image histogram equalisation has no cheap batched form.
 RANDAUGMENT_OPS: tuple[str, ...] = (
@@ -270,6 +270,41 @@ class Augment(torch.nn.Module):
             f"crop_padding={self.crop_padding}, flip={self.flip}, affine={self.affine}, "
             f"randaugment={self.randaugment} (ops={self.randaugment_ops}, magnitude={self.randaugment_magnitude})"
         )
+
+
+def random_erase(
+    x: torch.Tensor,
+    prob: float,
+    generator: torch.Generator | None = None,
+    *,
+    scale: tuple[float, float] = (0.02, 1.0 / 3.0),
+    ratio: tuple[float, float] = (0.3, 3.3),
+    fill: float = 0.0,
+) -> torch.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020) on a *normalised* batch ``(B, C, H, W)``.
+
+    With probability ``prob`` per image, one rectangle covering a ``scale`` fraction of the image
+    (uniform) with aspect ratio in ``ratio`` (log-uniform) is set to ``fill``. The default 0 is the
+    dataset's mean colour after normalisation, timm's "const" mode and DeiT's recipe (prob 0.25).
+    Rectangles that would not fit are clamped to the image instead of redrawn, so the draws per batch
+    are fixed and a resumed run stays bit-identical.
+    """
+    if not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"the random-erasing probability must be in [0, 1], got {prob}.")
+    b, _, h, w = x.shape
+    dev = x.device
+    erase = _rand((b,), generator, dev) < prob  # (B,)
+    area = _uniform(scale[0], scale[1], b, generator, dev) * (h * w)  # (B,) pixels
+    aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), b, generator, dev))  # (B,) height / width
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)  # (B,)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)  # (B,)
+    top = (_rand((b,), generator, dev) * (h - eh + 1)).floor()[:, None, None]  # (B, 1, 1)
+    left = (_rand((b,), generator, dev) * (w - ew + 1)).floor()[:, None, None]
+    rows = torch.arange(h, device=dev)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(w, device=dev)[None, None, :]  # (1, 1, W)
+    inside = (rows >= top) & (rows < top + eh[:, None, None]) & (cols >= left) & (cols < left + ew[:, None, None])
+    mask = inside & erase[:, None, None]  # (B, H, W)
+    return x.masked_fill(mask[:, None], fill)
 
 
 def mixup_cutmix(

@@ -86,6 +86,7 @@ class TrainConfig:
     randaugment: bool = False
     mixup: float = 0.0  # MixUp alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
+    random_erase: float = 0.0  # probability of erasing one rectangle per image, after normalisation (0 = off)
     # --- data ---
     data_root: str | None = None
     download: bool = False
@@ -128,7 +129,7 @@ class TrainConfig:
         _float(self, "lr", low=0.0, low_open=True)
         for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "mixup", "cutmix"):
             _float(self, name, low=0.0)
-        for name in ("beta1", "beta2", "label_smoothing"):
+        for name in ("beta1", "beta2", "label_smoothing", "random_erase"):
             _float(self, name, low=0.0, high=1.0)
         _float(self, "distill_alpha", low=0.0, high=1.0, high_open=False)
         _float(self, "distill_temperature", low=0.0, low_open=True)

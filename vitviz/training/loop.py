@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from vitviz.checkpoint import load_checkpoint, parse_device, read_checkpoint_meta, save_checkpoint
 from vitviz.config import HybridConfig
-from vitviz.data import Augment, load_dataset, mixup_cutmix, normalize
+from vitviz.data import Augment, load_dataset, mixup_cutmix, normalize, random_erase
 from vitviz.data.splits import DatasetSplits, Split
 from vitviz.errors import ConfigError, TrainingError, VitvizError
 from vitviz.evaluate import autocast, confusion_and_loss, evaluate
@@ -309,7 +309,10 @@ class _Run:
             if mixing:
                 x, target = mixup_cutmix(x, y, k, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                                          generator=self.gens.aug)  # target: (B, K) soft
-            x = normalize(x, self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
+            x = normalize(x, self.data.mean, self.data.std)  # (B, 3, H, W)
+            if cfg.random_erase > 0:  # after normalisation: 0 fills with the mean colour, as in timm
+                x = random_erase(x, cfg.random_erase, generator=self.gens.aug)
+            x = x.contiguous(memory_format=self.memory_format)
             lr = lr_at(self.state.global_step, self.total_steps, peak=cfg.lr, schedule=cfg.schedule,
                        warmup_steps=self.warmup_steps, min_lr=cfg.min_lr)
             for group in self.optimizer.param_groups:
