@@ -129,11 +129,12 @@ class TrainConfig:
         _float(self, "lr", low=0.0, low_open=True)
         for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "mixup", "cutmix"):
             _float(self, name, low=0.0)
-        for name in ("beta1", "beta2", "label_smoothing", "random_erase"):
+        for name in ("beta1", "beta2", "label_smoothing"):
             _float(self, name, low=0.0, high=1.0)
         _float(self, "distill_alpha", low=0.0, high=1.0, high_open=False)
         _float(self, "distill_temperature", low=0.0, low_open=True)
         _float(self, "ema", low=0.0, high=1.0)
+        _float(self, "random_erase", low=0.0, high=1.0, high_open=False)
         _float(self, "train_fraction", low=0.0, high=1.0, low_open=True, high_open=False)
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) is longer than the run ({self.epochs} epochs).")
