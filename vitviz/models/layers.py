@@ -41,8 +41,8 @@ class Attention(nn.Module):
 
     # The kernel a training forward uses (set_training_attention). "auto" trains on the explicit path on
     # CPUs: PyTorch's CPU flash kernel spends much of a step on the few tokens and small heads of the
-    # models trained here, its backward most of all; the explicit path measured 0.93-0.96x the step time
-    # for the 65-token shapes ViT and no slower, within noise, for the others or ViT-Ti/16
+    # models trained here, its backward most of all; the explicit path measured 0.92-0.96x the step time
+    # for the 65-token shapes ViTs and no slower, within noise, for the others or ViT-Ti/16
     # (benchmarks/bench_attention.py). Inference keeps the fused kernel, the faster one there.
     training_path: str = "auto"
 
