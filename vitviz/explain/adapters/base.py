@@ -1,0 +1,313 @@
+"""The model-adapter interface: what explanation code may ask of a model, answered once per kind of model.
+
+An :class:`Adapter` wraps one model and says
+
+* how to record its attention in the same single forward pass (:meth:`Adapter.recording`), leaving
+  the model exactly as it was afterwards;
+* which tokens each recorded attention's queries and keys are (:class:`Tokens`: prefix tokens, then
+  a row-major grid of cells on the image; the grid may change from stage to stage);
+* what the head reads (:meth:`Adapter.readout`, a weight vector over the final tokens: the class
+  token; class and distillation token averaged; the patch mean; an attention pool's own attention);
+* where Grad-CAM reads its feature map (:meth:`Adapter.cam_forward`);
+* which methods are not defined for it, and why (:meth:`Adapter.refusal`).
+
+Downstream code (rollout, relevance, Grad-CAM, Fig. 7 analyses, dashboard, CLI) asks the adapter
+and never the model's class. A new family is one small module that subclasses :class:`Adapter`
+and registers itself with :func:`vitviz.explain.adapters.register`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vitviz.errors import ExplainError
+
+__all__ = [
+    "Adapter", "AttentionRecord", "CamForward", "Recording", "Reduce", "Tokens", "as_map", "attn_drop_recorder",
+    "block_index", "check_block", "grid_tokens_to_map", "hooked_forward", "readout_vector",
+]
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # (B, heads, Nq, Nk) -> (B, heads', Nq, Nk)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A set of tokens: ``prefix`` tokens (class, distillation, registers) then a row-major grid."""
+
+    prefix: int
+    grid: tuple[int, int]  # (rows, cols) of grid tokens
+    cell: tuple[int, int]  # pixels one grid cell covers (rows, cols)
+
+    @property
+    def num_grid(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n(self) -> int:
+        return self.prefix + self.num_grid
+
+
+@dataclass
+class AttentionRecord:
+    """One attention call's softmax weights and what its rows and columns are.
+
+    ``weights`` are as the model used them (in the autograd graph while recording with gradients):
+    (B, heads, Nq, Nk), or for windowed attention (B * windows, heads, Nw, Nw) with ``densify``
+    mapping them (and their gradients) onto the full token sets. ``q_index`` / ``k_index`` place the
+    queries / keys in the model's *final* token set when they are a subset of it (CaiT's patch-only
+    layers, ConViT's layers before the class token joins); None when the sets are the final set
+    itself, or when they lie on another grid (an earlier stage).
+    """
+
+    weights: torch.Tensor
+    queries: Tokens
+    keys: Tokens
+    name: str  # module path, e.g. "blocks.3.attn"
+    block: int  # layer index; parallel branches of one block share it
+    stage: int = 0
+    densify: Callable[[torch.Tensor], torch.Tensor] | None = None
+    q_index: torch.Tensor | None = None  # (Nq,) long
+    k_index: torch.Tensor | None = None  # (Nk,) long
+    token_attention: bool = True  # False for attention over channels (XCiT's cross-covariance layers)
+
+    def dense(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` (default: the weights) as (B, heads, Nq, Nk) over the full query and key sets."""
+        t = self.weights if t is None else t
+        return self.densify(t) if self.densify is not None else t
+
+
+@dataclass
+class Recording:
+    """What one recorded forward pass filled in."""
+
+    records: list[AttentionRecord] = field(default_factory=list)
+    readout: torch.Tensor | None = None  # (B, N_final) set by adapters whose readout depends on the input
+    features: torch.Tensor | None = None  # last tokens the head pools, when the adapter keeps them
+
+
+@dataclass
+class CamForward:
+    """One forward pass with the Grad-CAM feature map kept in the graph."""
+
+    logits: torch.Tensor  # (B, classes)
+    activations: torch.Tensor  # as the layer returned it, in the graph
+    reshape: Callable[[torch.Tensor], torch.Tensor]  # activations -> (B, C, h, w)
+    cell: tuple[int, int]  # pixels one map cell covers; (-1, -1): measure from the map size
+
+
+class Adapter:
+    """What vitviz knows about one kind of model; subclasses override what differs.
+
+    ``kind`` is "transformer" (token attention) or "cnn". ``family`` is what the dashboard and the
+    comparison pages group by: "vit", "hybrid", "resnet" for ours, "vit", "hybrid", "hierarchical",
+    "cnn" for others.
+    """
+
+    name: str = "base"
+    kind: str = "cnn"
+    family: str = "cnn"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # --- which models ------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - overridden
+        return False
+
+    # --- tokens and readout -----------------------------------------------------------------------
+    def final_tokens(self, height: int, width: int) -> Tokens:
+        """The tokens the head pools, for an input of ``height`` x ``width`` pixels."""
+        raise ExplainError(f"{type(self.model).__name__} has no tokens: it is a CNN. Use method='gradcam'.")
+
+    def readout(self, tokens: Tokens, recording: Recording | None = None) -> torch.Tensor:
+        """Weights over the final tokens that the head reads, (N,) or (B, N) when input-dependent."""
+        return readout_vector(tokens, "mean")
+
+    def readout_kind(self) -> str:
+        """A short word for what the head reads: "token", "dist", "mean", "max", "pool" or "none"."""
+        return "mean"
+
+    @property
+    def has_head(self) -> bool:
+        """Whether the model has a classifier (logits) rather than returning pooled features."""
+        return int(getattr(self.model, "num_classes", 1) or 0) > 0
+
+    # --- attention ----------------------------------------------------------------------------------
+    @contextmanager
+    def recording(self, height: int, width: int, reduce: Reduce | None = None) -> Iterator[Recording]:
+        """Record every attention call of the forward passes inside the block (none for CNNs).
+
+        ``reduce`` (e.g. the mean over heads) is applied to each layer's weights as the layer runs,
+        so that a capture without gradients never holds every layer's full (B, heads, N, N) at once.
+        """
+        raise ExplainError(f"{type(self.model).__name__} has no attention to record; use method='gradcam'.")
+        yield Recording()  # pragma: no cover
+
+    def record_forward(self, x: torch.Tensor, reduce: Reduce | None = None) -> tuple[torch.Tensor, Recording]:
+        """Logits of one forward pass of ``x`` and what it recorded."""
+        with self.recording(x.shape[-2], x.shape[-1], reduce) as rec:
+            logits = self.model(x)
+        return logits, rec
+
+    def depth(self) -> int | None:
+        """Number of attention layers (blocks), or None when unknown before a forward pass."""
+        return None
+
+    def heads(self) -> int | None:
+        """Heads per attention layer when every layer has the same number, else None."""
+        return None
+
+    # --- methods ------------------------------------------------------------------------------------
+    def refusal(self, method: str) -> str | None:
+        """Why ``method`` is not defined on this model (and what to use), or None when it is."""
+        if self.kind == "cnn" and method in ("attention", "rollout", "grad-rollout", "chefer"):
+            return (f"{method} needs token attention, and {type(self.model).__name__} is a CNN with none; "
+                    "use method='gradcam'.")
+        return None
+
+    def cam_forward(self, x: torch.Tensor, layer: int | None) -> CamForward:
+        """Run the model once keeping the Grad-CAM feature map; default: ``forward_features`` output."""
+        if layer is not None:
+            raise ExplainError(f"{type(self.model).__name__}'s Grad-CAM reads its last feature map; leave layer "
+                               "unset (None).")
+        feats = self.model.forward_features(x)
+        logits = self.model.forward_head(feats)
+        return CamForward(logits=logits, activations=feats, reshape=self.features_to_map, cell=(-1, -1))
+
+    def features_to_map(self, feats: torch.Tensor) -> torch.Tensor:
+        """The model's last features as a map (B, C, h, w)."""
+        return as_map(feats)
+
+    def grid_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Last-layer features on the image grid, (B, h, w, D), and the pixels one cell covers."""
+        with torch.no_grad():
+            feats = self.features_to_map(self.model.forward_features(x))  # (B, D, h, w)
+        cell = (math.ceil(x.shape[-2] / feats.shape[-2]), math.ceil(x.shape[-1] / feats.shape[-1]))
+        return feats.permute(0, 2, 3, 1), cell
+
+    # --- what a ViT learned (Fig. 7) ---------------------------------------------------------------
+    def patch_embedding_weight(self) -> torch.Tensor | None:
+        """Patch projection filters (D, C, p, p) when the stem is a linear patch projection, else None."""
+        return None
+
+    def position_embedding(self) -> tuple[torch.Tensor, tuple[int, int], int] | None:
+        """Learned absolute positions: ((1, prefix + gh*gw, D), base grid, prefix), or None."""
+        return None
+
+    def describe(self) -> str:
+        return f"{self.name} adapter for {type(self.model).__name__}"
+
+
+# --- helpers shared by adapters --------------------------------------------------------------------
+
+def readout_vector(tokens: Tokens, how: str, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N,) weights of a fixed readout: "token" (first token), "dist" (mean of the first two), "mean" (grid)."""
+    v = torch.zeros(tokens.n, dtype=dtype, device=device)
+    if how == "token" and tokens.prefix >= 1:
+        v[0] = 1.0
+    elif how == "dist" and tokens.prefix >= 2:
+        v[:2] = 0.5  # a distilled DeiT averages its class and distillation heads
+    else:
+        v[tokens.prefix:] = 1.0 / tokens.num_grid
+    return v
+
+
+def grid_tokens_to_map(tokens: torch.Tensor, set_: Tokens) -> torch.Tensor:
+    """Grid tokens of (B, N, D) as a feature map (B, D, gh, gw)."""
+    gh, gw = set_.grid
+    patches = tokens[:, set_.prefix:]  # (B, gh*gw, D)
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)  # (B, D, gh, gw)
+
+
+def block_index(name: str, container: str = "blocks") -> int:
+    """The index after ``container`` in a module path ("blocks.3.attn" -> 3); -1 when absent."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == container and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1
+
+
+@contextmanager
+def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
+                       on_record: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Record attention weights where timm-style attention modules pass them through ``attn_drop``.
+
+    For the calls inside the block, each module whose class offers ``fused_attn`` takes its explicit
+    path (an instance attribute, deleted afterwards), and a forward hook on its ``attn_drop`` hands
+    the softmax weights, still in the autograd graph, to ``on_record(name, module, weights)``. The
+    fused kernel never exposes the weights, which is why hooks alone capture nothing on recent timm.
+    On exit, also after an exception, every hook is removed and every instance attribute restored.
+    """
+    missing = object()
+    saved: list[tuple[nn.Module, object]] = []
+    handles = []
+    try:
+        for name, module in modules:
+            drop = getattr(module, "attn_drop", None)
+            if not isinstance(drop, nn.Module):
+                raise ExplainError(f"{name} ({type(module).__name__}) has no attn_drop to record attention at.")
+            if hasattr(module, "fused_attn"):
+                saved.append((module, module.__dict__.get("fused_attn", missing)))
+                module.fused_attn = False
+
+            def hook(_m: nn.Module, inputs: tuple, _out: object, name: str = name, module: nn.Module = module) -> None:
+                on_record(name, module, inputs[0])
+
+            handles.append(drop.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module, previous in saved:
+            if previous is missing:
+                module.__dict__.pop("fused_attn", None)
+            else:
+                module.fused_attn = previous
+
+
+def as_map(features: torch.Tensor) -> torch.Tensor:
+    if features.ndim != 4:
+        raise ExplainError(f"Grad-CAM needs a (B, C, h, w) feature map, got shape {tuple(features.shape)}.")
+    return features
+
+
+def check_block(layer: int | None, depth: int) -> int:
+    index = -1 if layer is None else layer
+    if isinstance(index, bool) or not isinstance(index, int) or not -depth <= index < depth:
+        raise ExplainError(
+            f"layer {layer!r} is out of range for Grad-CAM on a model with {depth} blocks "
+            f"(use 0..{depth - 1} or -{depth}..-1)."
+        )
+    return index
+
+
+def hooked_forward(model: nn.Module, module: nn.Module, x: torch.Tensor, reshape: Callable[[torch.Tensor], torch.Tensor],
+            cell: tuple[int, int], pre: bool = False, grad: bool = True) -> CamForward:
+    """Run ``model`` once, keeping ``module``'s output (or, with ``pre``, its first input)."""
+    captured: list[torch.Tensor] = []
+
+    def keep_output(_m: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[-1] if isinstance(output, (list, tuple)) else output)
+
+    def keep_input(_m: nn.Module, inputs: tuple) -> None:
+        captured.append(inputs[0])
+
+    handle = module.register_forward_pre_hook(keep_input) if pre else module.register_forward_hook(keep_output)
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            logits = model(x)  # (B, classes)
+    finally:
+        handle.remove()
+    if not captured:
+        raise ExplainError(f"the Grad-CAM layer {type(module).__name__} was not called in forward.")
+    return CamForward(logits=logits, activations=captured[-1], reshape=reshape, cell=cell)
