@@ -104,7 +104,7 @@ def evaluate_family(family: str, path: Path, args: argparse.Namespace) -> dict:
         preds = torch.cat([model(x[i:i + args.batch_size]).argmax(-1) for i in range(0, len(x), args.batch_size)])
     result = {"checkpoint": str(path), "img_size": meta.img_size, "accuracy": float((preds == labels).float().mean()),
               "methods": {}}
-    for method in methods_for(model):
+    for method in methods_for(model, saliency_only=True):
         t0 = time.perf_counter()
         maps = explain_all(model, x, labels, method, args.batch_size)
         result["methods"][method] = score(model, x, labels, masks, maps, args)

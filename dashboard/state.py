@@ -325,10 +325,10 @@ def results(kind: str | None = None) -> list[dict]:
     return ds.read_results(results_dir(), kind)
 
 
-def methods(loaded: Loaded) -> list[str]:
+def methods(loaded: Loaded, saliency_only: bool = False) -> list[str]:
     from vitviz.explain import methods_for
 
-    return methods_for(loaded.model)
+    return methods_for(loaded.model, saliency_only=saliency_only)
 
 
 @st.cache_data(show_spinner=False, max_entries=512)

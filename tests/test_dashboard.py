@@ -201,16 +201,16 @@ def test_explore_opens_ready(app):
 
 
 def test_every_method_and_parameter_renders(app):
-    assert len(app.selectbox(key="method_5").options) == 5
-    for method in ("attention", "rollout", "grad-rollout", "chefer", "gradcam"):
-        app.selectbox(key="method_5").set_value(method).run()
+    assert len(app.selectbox(key="method_6").options) == 6
+    for method in ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity"):
+        app.selectbox(key="method_6").set_value(method).run()
         assert_clean(app)
         assert not errors(app), method
-    app.selectbox(key="method_5").set_value("attention").run()
+    app.selectbox(key="method_6").set_value("attention").run()
     app.selectbox(key="head_2").set_value(1).run()
     app.slider(key="att_layer_2").set_value(1).run()
     assert_clean(app)
-    app.selectbox(key="method_5").set_value("rollout").run()
+    app.selectbox(key="method_6").set_value("rollout").run()
     app.slider(key="discard").set_value(0.5).run()
     app.selectbox(key="fusion").select("max").run()
     assert_clean(app)
@@ -269,7 +269,7 @@ def test_hybrid_every_method(app, folders):
     app.sidebar.selectbox(key="ckpt_Shipped").set_value(checkpoint_key(folders["shipped"], "hybrid_shapes")).run()
     assert_clean(app)
     for method in ("attention", "rollout", "grad-rollout", "chefer", "gradcam"):
-        app.selectbox(key="method_5").set_value(method).run()
+        app.selectbox(key="method_6").set_value(method).run()
         assert_clean(app)
         assert not errors(app), (method, errors(app))
     app.selectbox(key="cam_layer_1_hybrid").set_value(0).run()  # Grad-CAM on the tokens of block 1
@@ -277,10 +277,11 @@ def test_hybrid_every_method(app, folders):
     assert not errors(app)
 
 
-def test_resnet_gets_gradcam_only(app, folders):
+def test_resnet_gets_no_attention_methods(app, folders):
     app.sidebar.selectbox(key="ckpt_Shipped").set_value(checkpoint_key(folders["shipped"], "resnet_shapes")).run()
     assert_clean(app)
-    assert app.selectbox(key="method_1").options == ["Grad-CAM (Selvaraju et al. 2017)"]
+    assert app.selectbox(key="method_2").options == ["Grad-CAM (Selvaraju et al. 2017)",
+                                                     "Feature similarity to a patch"]
     assert "ResNets have no attention" in texts(app)
     assert not errors(app)
 

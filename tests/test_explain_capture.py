@@ -8,7 +8,7 @@ from torch import nn
 
 import vitviz
 from vitviz.errors import ExplainError
-from vitviz.explain import capture_attention, explain, gradcam, has_attention, timm_attention_recorder
+from vitviz.explain import adapter_for, capture_attention, explain, gradcam, has_attention
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -87,8 +87,8 @@ def test_timm_vit_keeps_fused_attention_and_matches_from_timm(x):
     with torch.no_grad():
         fused_logits = tm(x)
     cap = capture_attention(tm, x, with_grads=True)
-    assert all(a.fused_attn for a in attns), "capture must not switch fused attention off"
-    assert all("forward" not in a.__dict__ for a in attns), "the explicit forward must be removed"
+    assert all(a.fused_attn for a in attns), "capture must leave fused attention on"
+    assert not any(a.attn_drop._forward_hooks for a in attns), "the recording hooks must be removed"
     torch.testing.assert_close(cap.logits, fused_logits, atol=1e-5, rtol=1e-5)
 
     ours = vitviz.from_timm(tm)
@@ -114,9 +114,11 @@ def test_timm_forward_is_restored_after_a_failure(x):
         capture_attention(tm, x)
     assert all("forward" not in a.__dict__ for a in attns)
     assert all(a.fused_attn for a in attns)
-    with pytest.raises(RuntimeError, match="injected"), timm_attention_recorder(tm):
+    assert not any(a.attn_drop._forward_hooks for a in attns)
+    with pytest.raises(RuntimeError, match="injected"), adapter_for(tm).recording(32, 32):
         tm(x)
-    assert all("forward" not in a.__dict__ for a in attns)
+    assert all(a.fused_attn for a in attns)
+    assert not any(a.attn_drop._forward_hooks for a in attns)
 
 
 def test_timm_bad_target_after_forward_still_restores(x):

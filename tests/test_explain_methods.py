@@ -44,7 +44,7 @@ GRIDS = {"vit": (4, 4), "timm": (4, 4), "hybrid": (8, 8)}
 
 
 def test_methods_for(models):
-    assert methods_for(models["resnet"]) == ["gradcam"]
+    assert methods_for(models["resnet"]) == ["gradcam", "similarity"]
     for name in ("vit", "hybrid", "timm"):
         assert methods_for(models[name]) == list(METHODS)
     assert set(METHOD_PARAMS) == set(METHODS)

@@ -126,7 +126,7 @@ def side_by_side_section(models: list[state.Loaded], dataset: str) -> state.Pict
     with c1:
         picture = pick_picture(dataset)
     with c2:
-        method = st.selectbox("Method for ViT and hybrid", [m for m in METHODS if m != "attention"],
+        method = st.selectbox("Method for ViT and hybrid", [m for m in METHODS if m not in ("attention", "similarity")],
                               index=2, key="cmp_method", format_func=lambda m: METHOD_LABELS.get(m, m),
                               help="ResNets have no attention: they are always explained with Grad-CAM.")
     for col, loaded in zip(st.columns(len(models)), models, strict=True):
@@ -159,7 +159,7 @@ def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dat
     rows, results = [], {}
     with st.spinner("Deleting and inserting pixels…"):
         for loaded in models:
-            for method in state.methods(loaded):
+            for method in state.methods(loaded, saliency_only=True):
                 r = state.faithfulness(loaded.key, tuple(p.key for p in pictures), method, loaded, pictures)
                 results[(ds.short_name(loaded.info), method)] = r
                 rows.append(ds.faithfulness_row(ds.short_name(loaded.info), loaded.info.family_label,

@@ -1,8 +1,9 @@
 """Why a model predicts what it does, and what a ViT learned.
 
+* Models: :func:`adapter_for` finds the adapter that tells every method about a model (ours, any timm model).
 * Capture: :func:`capture_attention` (every layer's attention, optionally its gradients, one pass).
 * Saliency: :func:`explain` with ``method`` in :data:`METHODS` ("attention", "rollout",
-  "grad-rollout", "chefer", "gradcam"), and the pure functions behind it
+  "grad-rollout", "chefer", "gradcam", "similarity"), and the pure functions behind it
   (:func:`attention_rollout`, :func:`grad_rollout`, :func:`chefer_relevance`, :func:`gradcam`).
 * What a ViT learned: patch-embedding filters and their PCA, position-embedding similarity, mean
   attention distance.
@@ -10,9 +11,19 @@
 * Rendering without plotly: :func:`render_overlay`, :func:`overlay_png`.
 """
 
-from vitviz.explain.api import METHOD_LABELS, METHOD_PARAMS, METHODS, Explanation, explain, explain_details, methods_for
+from vitviz.explain.adapters import Adapter, Tokens, adapter_for
+from vitviz.explain.api import (
+    METHOD_LABELS,
+    METHOD_PARAMS,
+    METHODS,
+    Explanation,
+    explain,
+    explain_details,
+    methods_for,
+    refusal,
+)
 from vitviz.explain.attention import attention_heads, attention_map, heads_map
-from vitviz.explain.capture import Capture, capture_attention, has_attention, timm_attention_recorder
+from vitviz.explain.capture import Capture, Layer, capture_attention, has_attention, mean_heads
 from vitviz.explain.distance import attention_distance, mean_attention_distance, patch_distances
 from vitviz.explain.embeddings import (
     FilterPCA,
@@ -33,6 +44,7 @@ from vitviz.explain.faithfulness import (
     pointing_game,
     random_maps,
 )
+from vitviz.explain.features import feature_pca, grid_features, patch_similarity
 from vitviz.explain.gradcam import BaseCAM, CAMResult, GradCAM, gradcam
 from vitviz.explain.layout import TokenLayout, model_family, token_layout
 from vitviz.explain.maps import normalize_maps, upsample_maps
@@ -41,7 +53,9 @@ from vitviz.explain.render import COLORMAPS, apply_colormap, overlay_png, render
 from vitviz.explain.rollout import HEAD_FUSIONS, attention_rollout, fuse_heads, grad_rollout, rollout_row
 
 __all__ = [
-    "COLORMAPS", "HEAD_FUSIONS", "METHODS", "METHOD_LABELS", "METHOD_PARAMS", "BaseCAM", "CAMResult", "Capture",
+    "COLORMAPS", "HEAD_FUSIONS", "METHODS", "METHOD_LABELS", "METHOD_PARAMS", "Adapter", "BaseCAM", "CAMResult",
+    "Capture", "Layer", "Tokens", "adapter_for", "feature_pca", "grid_features", "mean_heads", "patch_similarity",
+    "refusal",
     "DeletionInsertion", "Explanation", "FilterPCA", "GradCAM", "TokenLayout", "apply_colormap", "attention_distance",
     "attention_heads", "attention_map", "attention_rollout", "auc", "baseline_images", "capture_attention",
     "chefer_relevance", "deletion_insertion", "explain", "explain_details", "filter_pca", "fuse_heads", "gradcam",
@@ -49,5 +63,5 @@ __all__ = [
     "model_family", "normalize_maps", "overlay_png", "patch_distances", "patch_embedding_filters",
     "patch_embedding_pca", "patch_embedding_weight", "pointing_game", "pos_embed_similarity", "position_embeddings",
     "position_similarity", "random_maps", "render_overlay", "rollout_row", "save_overlay_png",
-    "timm_attention_recorder", "token_layout", "upsample_maps",
+    "token_layout", "upsample_maps",
 ]

@@ -1,4 +1,9 @@
-"""``explain(model, x, method=...)``: one call for every saliency method, on batches."""
+"""``explain(model, x, method=...)``: one call for every saliency method, on batches, on any adapted model.
+
+Every method asks the model's adapter (:mod:`vitviz.explain.adapters`) what it needs: the tokens on
+the grid, what the head reads, where Grad-CAM reads; a method that is not defined for a model is
+refused with the adapter's reason and the methods to use instead.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +16,19 @@ import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.attention import attention_map
-from vitviz.explain.capture import capture_attention
+from vitviz.explain.adapters import Adapter, adapter_for
+from vitviz.explain.attention import layer_query_rows
+from vitviz.explain.capture import Capture, Layer, capture_attention, mean_heads
+from vitviz.explain.features import patch_similarity
 from vitviz.explain.gradcam import gradcam
-from vitviz.explain.layout import check_images, model_family, token_layout
+from vitviz.explain.layout import check_images
 from vitviz.explain.maps import normalize_maps, upsample_maps
-from vitviz.explain.relevance import chefer_relevance
-from vitviz.explain.rollout import (
-    check_discard_ratio,
-    check_fusion,
-    rollout_row,
-    token_row_to_grid,
-)
+from vitviz.explain.rollout import RowStep, check_discard_ratio, check_fusion, fuse_heads, propagate_row
 
-__all__ = ["METHODS", "METHOD_PARAMS", "Explanation", "explain", "explain_details", "methods_for"]
+__all__ = ["FEATURE_METHODS", "METHODS", "METHOD_LABELS", "METHOD_PARAMS", "Explanation", "explain", "explain_details",
+           "methods_for", "refusal"]
 
-METHODS: tuple[str, ...] = ("attention", "rollout", "grad-rollout", "chefer", "gradcam")
+METHODS: tuple[str, ...] = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")
 
 # The parameters each method takes (and their defaults); anything else is refused, not ignored.
 METHOD_PARAMS: dict[str, dict[str, Any]] = {
@@ -35,6 +37,7 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "grad-rollout": {"target": None, "discard_ratio": 0.0, "start_layer": 0},
     "chefer": {"target": None, "start_layer": 0},
     "gradcam": {"target": None, "layer": None},
+    "similarity": {"query": None},
 }
 
 METHOD_LABELS: dict[str, str] = {
@@ -43,7 +46,13 @@ METHOD_LABELS: dict[str, str] = {
     "grad-rollout": "Gradient-weighted rollout",
     "chefer": "Relevance (Chefer et al. 2021)",
     "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
+    "similarity": "Feature similarity to a patch",
 }
+
+_CLASS_SPECIFIC = ("grad-rollout", "chefer", "gradcam")
+# Methods that describe the features, not a prediction: left out of faithfulness scores.
+FEATURE_METHODS: tuple[str, ...] = ("similarity",)
+_ACROSS_LAYERS = ("rollout", "grad-rollout", "chefer")
 
 
 @dataclass
@@ -53,15 +62,28 @@ class Explanation:
     method: str
     maps: torch.Tensor  # (B, H, W) float32 in [0, 1] (or (B, gh, gw) when not upsampled)
     grid_maps: torch.Tensor  # (B, gh, gw) raw values on the method's grid, not normalised
-    logits: torch.Tensor  # (B, classes) from the same forward pass
-    target: torch.Tensor | None  # (B,) class explained; None for class-agnostic methods (attention, rollout)
+    logits: torch.Tensor  # (B, classes) from the same forward pass ((B, D) features for a headless model)
+    target: torch.Tensor | None  # (B,) class explained; None for class-agnostic methods
     cell: tuple[int, int]  # pixels one grid cell covers
     params: dict[str, Any] = field(default_factory=dict)  # the parameters used, defaults filled in
 
 
-def methods_for(model: nn.Module) -> list[str]:
-    """Methods that apply to ``model``: all of :data:`METHODS` for ViTs and hybrids, Grad-CAM for ResNets."""
-    return ["gradcam"] if model_family(model) == "resnet" else list(METHODS)
+def refusal(model: nn.Module | Adapter, method: str) -> str | None:
+    """Why ``method`` is not defined for ``model`` (with what to use instead), or None when it is."""
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}."
+    adapter = adapter_for(model)
+    if method in _CLASS_SPECIFIC and not adapter.has_head:
+        return (f"{method} explains a class score, and {type(adapter.model).__name__} has no classifier head (it "
+                "returns features); use 'attention', 'rollout' or 'similarity'.")
+    return adapter.refusal(method)
+
+
+def methods_for(model: nn.Module, *, saliency_only: bool = False) -> list[str]:
+    """The methods of :data:`METHODS` that are defined for ``model``; ``saliency_only`` leaves out
+    :data:`FEATURE_METHODS` (which say what the features are alike, not why the model predicts)."""
+    adapter = adapter_for(model)
+    return [m for m in METHODS if refusal(adapter, m) is None and not (saliency_only and m in FEATURE_METHODS)]
 
 
 def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", *, upsample: bool = True,
@@ -72,16 +94,18 @@ def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", *, upsam
     normalised. Parameters per method (see :data:`METHOD_PARAMS`):
 
     * attention: ``layer`` (-1), ``head`` (None = mean, an index, or "max"/"min"), ``query``
-      (None = the readout: the class token, or the mean of the patch tokens for mean-pooled models;
-      (row, col) or a flat patch index for one patch);
+      (None = the readout: what the head reads; (row, col) or a flat patch index for one patch);
     * rollout: ``head_fusion`` ("mean" | "max" | "min"), ``discard_ratio`` in [0, 1), ``start_layer``;
     * grad-rollout: ``target``, ``discard_ratio``, ``start_layer``;
     * chefer: ``target``, ``start_layer``;
-    * gradcam: ``target``, ``layer`` (None = family default; a block index for ViT tokens).
+    * gradcam: ``target``, ``layer`` (None = the model's default feature map; a block index for ViT tokens);
+    * similarity: ``query`` ((row, col) or a flat index on the last feature grid; None = the centre):
+      cosine similarity of every cell's last-layer features to the query's ("where else is this?").
 
     ``target`` is a class index (or one per image); default: each image's predicted class.
-    Attention, rollout, grad-rollout and chefer read the row of the model's readout: the class
-    token for class-token pooling, the mean of the patch tokens' rows for mean pooling.
+    Attention, rollout, grad-rollout and chefer start from what the head reads: the class token; the
+    mean of the class and distillation tokens (distilled DeiT); the mean of the patch tokens (mean
+    pooling); an attention pool's own attention over the tokens (SigLIP).
     """
     return explain_details(model, x, method, upsample=upsample, **params).maps
 
@@ -99,70 +123,120 @@ def explain_details(model: nn.Module, x: torch.Tensor, method: str = "rollout", 
             f"method {method!r} takes no parameter {', '.join(unknown)}; it takes "
             f"{', '.join(allowed) or 'no parameters'}."
         )
-    family = model_family(model)
-    if method not in methods_for(model):
-        raise ExplainError(
-            f"method {method!r} needs attention, and this {family} model has none; "
-            f"methods for it: {', '.join(methods_for(model))}."
-        )
+    adapter = adapter_for(model)
+    why = refusal(adapter, method)
+    if why is not None:
+        others = methods_for(adapter)
+        raise ExplainError(f"{why} Methods for this model: {', '.join(others) or 'none'}.")
     if getattr(model, "training", False):
         warnings.warn("explaining a model in training mode (dropout active); call model.eval() first.",
                       stacklevel=2)
     p = {**allowed, **params}
-    grid_maps, logits, target, cell = _run(method, model, x, p)
-    maps = upsample_maps(grid_maps, x.shape[-2:], cell) if upsample else grid_maps
-    return Explanation(method=method, maps=normalize_maps(maps), grid_maps=grid_maps.detach().float(),
+    raw, shape, logits, target, cell = _run(method, adapter, x, p)
+    maps = upsample_maps(shape, x.shape[-2:], cell) if upsample else shape
+    return Explanation(method=method, maps=normalize_maps(maps), grid_maps=raw.detach().float(),
                        logits=logits, target=target, cell=cell, params=p)
 
 
-def _run(method: str, model: nn.Module, x: torch.Tensor,
-         p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+def _run(method: str, adapter: Adapter, x: torch.Tensor, p: dict[str, Any]):
+    """(raw grid map, map to normalise (same up to a per-image constant), logits, target, cell)."""
+    model = adapter.model
     if method == "gradcam":
         res = gradcam(model, x, target=p["target"], layer=p["layer"])
-        return res.maps, res.logits, res.target, res.cell
-    lay = token_layout(model, x.shape[-2], x.shape[-1])
-    prefix, grid = lay.num_prefix_tokens, lay.grid
-    row = 0 if lay.readout == "token" else "mean"  # the token(s) the head reads: where every map starts
+        return res.maps, res.maps, res.logits, res.target, res.cell
+    if method == "similarity":
+        sim, logits, cell = patch_similarity(model, x, p["query"])
+        return sim, sim, logits, None, cell
     # Validate cheap parameters before running the model.
     if "head_fusion" in p:
         check_fusion(p["head_fusion"])
     if "discard_ratio" in p:
         check_discard_ratio(p["discard_ratio"])
-    _precheck_indices(model, p)
+    _precheck_indices(adapter, p)
     needs_grad = method in ("grad-rollout", "chefer")
-    cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad)
+    # Plain rollout with mean fusion only needs each layer's head mean: reduce as the layers run.
+    reduce = mean_heads if method == "rollout" and p["head_fusion"] == "mean" else None
+    cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad, reduce=reduce)
     if method == "attention":
-        m = attention_map(cap.attentions, grid, p["layer"], p["head"], p["query"], prefix, lay.readout)
-    elif method == "rollout":
-        m = _readout_row(cap.attentions, None, grid, prefix, row, p)
-    elif method == "grad-rollout":
-        m = _readout_row(cap.attentions, cap.gradients, grid, prefix, row, p)
+        layer = _select(cap.layers, p["layer"], "layer")
+        m = _attention_grid(cap, layer, p["head"], p["query"])
+        return m, m, cap.logits, cap.target, layer.keys.cell
+    raw, shape = _propagated(method, cap, p)
+    return raw, shape, cap.logits, cap.target, cap.tokens.cell
+
+
+def _attention_grid(cap: Capture, layer: Layer, head: int | str | None, query: Any) -> torch.Tensor:
+    """One layer's attention from the readout (or a query patch) to every key cell, (B, gkh, gkw)."""
+    rows = layer_query_rows(layer, cap.tokens, cap.readout, query)  # (B, heads, Nk)
+    heads = rows.shape[1]
+    if head is None or head in ("mean", "max", "min"):
+        values = fuse_heads(rows[:, :, None], head or "mean")[:, 0]  # (B, Nk)
+    elif isinstance(head, bool) or not isinstance(head, int) or not -heads <= head < heads:
+        raise ExplainError(f"head {head!r} is out of range: the layer has {heads} heads (use 0..{heads - 1}, or "
+                           "None/'mean'/'max'/'min' to combine them).")
     else:
-        m = token_row_to_grid(chefer_relevance(cap.attentions, cap.gradients, p["start_layer"]), grid, prefix, row)
-    return m, cap.logits, cap.target, lay.cell
+        values = rows[:, head]  # (B, Nk)
+    keys = layer.keys
+    return values[:, keys.prefix:].reshape(values.shape[0], *keys.grid)  # (B, gkh, gkw)
 
 
-def _readout_row(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor] | None,
-                 grid: tuple[int, int], prefix: int, row: int | str, p: dict[str, Any]) -> torch.Tensor:
-    """The readout's row of the (grad) rollout as a grid (B, gh, gw)."""
-    fusion = p.get("head_fusion", "mean")
-    r = rollout_row(attentions, row, fusion, p["discard_ratio"], p["start_layer"], prefix, gradients)  # (B, N)
-    return r[:, prefix:].reshape(r.shape[0], *grid)  # (B, gh, gw)
+def _propagated(method: str, cap: Capture, p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollout / grad rollout / Chefer relevance from the readout, on the final token grid."""
+    start = _start(len(cap.layers), p["start_layer"])
+    layers = cap.layers[start:]
+    tokens = cap.tokens
+    outside = [lay for lay in layers if not lay.in_final(tokens)]
+    if outside:
+        why = cap.adapter.refusal(method) if cap.adapter is not None else None
+        first_ok = next((i for i in range(len(cap.layers)) if all(lay.in_final(tokens)
+                                                                   for lay in cap.layers[i:])), None)
+        hint = f" Pass start_layer={first_ok} to roll out the last layers that share the final tokens only," \
+            if first_ok is not None else ""
+        raise ExplainError(
+            (why or f"{method} multiplies attention across layers that share one token set, and this model's tokens "
+             f"change from layer to layer ({outside[0].name} works on a {outside[0].queries.grid[0]}x"
+             f"{outside[0].queries.grid[1]} grid, the head on {tokens.grid[0]}x{tokens.grid[1]}).")
+            + hint + " or use method='attention' or 'gradcam'."
+        )
+    steps = [RowStep(lay.weights, lay.gradients, lay.q_index, lay.k_index) for lay in layers]
+    base, delta = propagate_row(steps, cap.readout.to(layers[0].weights.dtype), method,
+                                p.get("head_fusion", "mean"), p.get("discard_ratio", 0.0),
+                                tokens.prefix)
+    b, g = base.shape[0], tokens.grid
+    base_grid, delta_grid = base[:, tokens.prefix:], delta[:, tokens.prefix:]  # (B, P)
+    raw = (base_grid + delta_grid).reshape(b, *g)
+    # Normalise from the increments kept apart: a per-image constant does not change a min-max map.
+    shape = (base_grid - base_grid.mean(dim=1, keepdim=True) + delta_grid).reshape(b, *g)
+    return raw, shape
 
 
-def _precheck_indices(model: nn.Module, p: dict[str, Any]) -> None:
-    """Refuse out-of-range layer/head indices before the model runs (the captured tensors re-check)."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
+def _start(depth: int, start_layer: int) -> int:
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not -depth <= start_layer < depth:
+        raise ExplainError(f"start_layer {start_layer!r} is out of range for a model with {depth} layers "
+                           f"(use 0..{depth - 1}, or -{depth}..-1 from the end).")
+    return start_layer % depth
+
+
+def _select(layers: Sequence[Layer], index: int, name: str) -> Layer:
+    depth = len(layers)
+    if isinstance(index, bool) or not isinstance(index, int) or not -depth <= index < depth:
+        raise ExplainError(f"{name} {index!r} is out of range for a model with {depth} layers "
+                           f"(use 0..{depth - 1} or -{depth}..-1).")
+    return layers[index]
+
+
+def _precheck_indices(adapter: Adapter, p: dict[str, Any]) -> None:
+    """Refuse out-of-range layer/head indices before the model runs (the captured layers re-check)."""
+    depth = adapter.depth()
+    if depth is None:
         return
-    depth = len(blocks)
     for name in ("layer", "start_layer"):
         value = p.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not -depth <= value < depth):
             raise ExplainError(f"{name} {value!r} is out of range for a model with {depth} layers "
                                f"(use 0..{depth - 1}, or -{depth}..-1 from the end).")
     head = p.get("head")
-    heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None)
+    heads = adapter.heads()
     if isinstance(head, int) and not isinstance(head, bool) and heads is not None and not -heads <= head < heads:
         raise ExplainError(f"head {head} is out of range: the model has {heads} heads per layer "
                            f"(use 0..{heads - 1}, or None for the mean).")

@@ -7,27 +7,27 @@ tokens for mean pooling (then the map is the mean of the patch queries' rows).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.layout import token_layout
 from vitviz.explain.rollout import HEAD_FUSIONS, fuse_heads
 
-__all__ = ["Query", "attention_heads", "attention_map", "heads_map", "query_rows", "query_token", "select_layer"]
+if TYPE_CHECKING:
+    from vitviz.explain.adapters import Tokens
+    from vitviz.explain.capture import Layer
+
+__all__ = ["Query", "attention_heads", "attention_map", "heads_map", "layer_query_rows", "query_rows", "query_token",
+           "select_layer"]
 
 Query = int | tuple[int, int] | None  # None: the readout; (row, col) or a flat index: a patch
 
 
 def select_layer(attentions: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
     """Layer ``layer`` (negative counts from the end) of captured attentions, (B, heads, N, N)."""
-    depth = len(attentions)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
-        raise ExplainError(
-            f"layer {layer!r} is out of range for a model with {depth} layers (use 0..{depth - 1} or -{depth}..-1)."
-        )
-    return attentions[layer]
+    return attentions[_layer_index(len(attentions), layer)]
 
 
 def query_token(query: Query, grid: tuple[int, int], num_prefix_tokens: int = 1) -> int:
@@ -105,16 +105,53 @@ def heads_map(attentions: Sequence[torch.Tensor], grid: tuple[int, int], layer: 
     return rows[:, :, num_prefix_tokens:].reshape(a.shape[0], a.shape[1], *grid)  # (B, heads, gh, gw)
 
 
+def layer_query_rows(layer: Layer, final: Tokens, readout: torch.Tensor, query: Query = None) -> torch.Tensor:
+    """Each head's attention row (B, heads, Nk) of one captured layer, for a query.
+
+    ``query`` None is the readout (B, N) over the final tokens: on a layer whose queries are the final
+    tokens (or placed in them), the readout-weighted mean of its rows; on a layer whose queries lie
+    elsewhere (an earlier stage's grid), or hold none of the readout's weight, the mean of its grid
+    queries' rows. Otherwise (row, col) or a flat index on the layer's query grid picks one row.
+    """
+    a, queries = layer.weights, layer.queries  # (B, heads, Nq, Nk)
+    if query is not None:
+        if queries.num_grid == 0:
+            raise ExplainError(f"layer {layer.name}'s queries are only its {queries.prefix} prefix token(s); "
+                               "leave query unset.")
+        return a[:, :, query_token(query, queries.grid, queries.prefix)]  # (B, heads, Nk)
+    w = None
+    if layer.q_index is not None:
+        w = readout[:, layer.q_index.to(readout.device)]  # (B, Nq)
+    elif queries == final:
+        w = readout
+    if w is not None:
+        total = w.sum(dim=1, keepdim=True)  # (B, 1)
+        if bool((total > 0).all()):
+            return torch.einsum("bq,bhqk->bhk", (w / total).to(a.dtype), a)  # (B, heads, Nk)
+    return a[:, :, queries.prefix:].mean(dim=2)  # (B, heads, Nk)
+
+
 def attention_heads(model: nn.Module, x: torch.Tensor, layer: int = -1, query: Query = None) -> torch.Tensor:
     """Per-head attention grid (B, heads, gh, gw) of ``model`` on ``x``: raw weights, not normalised.
 
-    ``query`` None reads from the model's readout (class token, or the patch mean for mean pooling).
+    ``query`` None reads from the model's readout (class token, the patch mean for mean pooling, ...).
+    The grid is the layer's key grid.
     """
     from vitviz.explain.capture import capture_attention
 
     cap = capture_attention(model, x)
-    lay = token_layout(model, x.shape[-2], x.shape[-1])
-    return heads_map(cap.attentions, lay.grid, layer, query, lay.num_prefix_tokens, lay.readout)
+    lay = cap.layers[_layer_index(len(cap.layers), layer)]
+    rows = layer_query_rows(lay, cap.tokens, cap.readout, query)  # (B, heads, Nk)
+    keys = lay.keys
+    return rows[:, :, keys.prefix:].reshape(rows.shape[0], rows.shape[1], *keys.grid)  # (B, heads, gkh, gkw)
+
+
+def _layer_index(depth: int, layer: int) -> int:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
+        raise ExplainError(
+            f"layer {layer!r} is out of range for a model with {depth} layers (use 0..{depth - 1} or -{depth}..-1)."
+        )
+    return layer
 
 
 def _check_tokens(a: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int) -> None:

@@ -1,159 +1,163 @@
-"""Capture every layer's attention weights (and their gradients) in one forward pass.
+"""Capture every layer's attention weights (and their gradients) in one forward pass, on any adapted model.
 
-Our ViT and hybrid return attention as part of their contract (``model(x, return_attention=True)``:
-the explicit path for that call only, weights in the autograd graph). timm ViTs are taken as they
-come, fused attention on: for one call, :func:`timm_attention_recorder` gives each timm
-``Attention`` instance an explicit-path ``forward`` that records the softmax weights, and removes it
-afterwards. Hooks on ``attn_drop`` are not used: once attention is fused, ``attn_drop`` never sees
-the weights, which is why hook-based tools silently capture nothing on recent timm.
+The model's adapter (:func:`vitviz.explain.adapters.adapter_for`) records the attention: our ViT and
+hybrid return it as part of their contract; timm models take their explicit attention path for that
+one call and hand the softmax weights over at ``attn_drop`` (hooks alone capture nothing once
+attention is fused). The model is left exactly as it was.
+
+A :class:`Capture` holds one :class:`Layer` per attention layer: parallel branches of one block are
+merged on the heads axis (k branches of h heads added together are one attention with k*h heads),
+and windowed attention is mapped onto the image's token grid.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.layout import check_images, is_timm_vit, model_family, resolve_target
+from vitviz.explain.adapters import Adapter, AttentionRecord, Tokens, adapter_for
+from vitviz.explain.adapters.base import Reduce
+from vitviz.explain.layout import check_images, resolve_target
 
-__all__ = ["Capture", "capture_attention", "has_attention", "timm_attention_recorder"]
+__all__ = ["Capture", "Layer", "capture_attention", "has_attention", "mean_heads"]
+
+
+@dataclass
+class Layer:
+    """One attention layer: weights (and gradients) over its query and key tokens."""
+
+    weights: torch.Tensor  # (B, heads, Nq, Nk), detached
+    queries: Tokens
+    keys: Tokens
+    name: str
+    block: int
+    stage: int = 0
+    gradients: torch.Tensor | None = None  # (B, heads, Nq, Nk) d score / d weights
+    q_index: torch.Tensor | None = None  # (Nq,) positions in the final token set, when a subset of it
+    k_index: torch.Tensor | None = None  # (Nk,)
+
+    def in_final(self, final: Tokens) -> bool:
+        """Whether queries and keys are (a subset of) the model's final tokens, placed by the indices."""
+        q_ok = self.q_index is not None or self.queries == final
+        k_ok = self.k_index is not None or self.keys == final
+        return q_ok and k_ok
 
 
 @dataclass
 class Capture:
-    """One forward pass's logits, attention weights and (optionally) their gradients, all detached."""
+    """One forward pass's logits, attention layers and (optionally) gradients, all detached."""
 
-    logits: torch.Tensor  # (B, classes)
-    attentions: list[torch.Tensor]  # [(B, heads, N, N)] * depth, softmax weights before attention dropout
-    gradients: list[torch.Tensor] | None = None  # d score[target] / d attention, same shapes; None unless asked
-    target: torch.Tensor | None = None  # (B,) class whose score was differentiated
+    logits: torch.Tensor  # (B, classes), or (B, D) features for a headless model
+    layers: list[Layer]
+    tokens: Tokens  # the final tokens, which the head reads
+    readout: torch.Tensor  # (B, N) weights of the final tokens in what the head reads
+    target: torch.Tensor | None = None  # (B,) class whose score was differentiated (or checked)
+    adapter: Adapter | None = field(default=None, repr=False)
+
+    @property
+    def attentions(self) -> list[torch.Tensor]:
+        """[(B, heads, Nq, Nk)] per layer."""
+        return [layer.weights for layer in self.layers]
+
+    @property
+    def gradients(self) -> list[torch.Tensor] | None:
+        """[(B, heads, Nq, Nk)] per layer, or None when captured without gradients."""
+        if not self.layers or self.layers[0].gradients is None:
+            return None
+        return [layer.gradients for layer in self.layers]
+
+
+def mean_heads(weights: torch.Tensor) -> torch.Tensor:
+    """The head mean of one layer's weights, keeping a heads axis of 1: (B, h, Nq, Nk) -> (B, 1, Nq, Nk)."""
+    return weights.mean(dim=1, keepdim=True)
 
 
 def has_attention(model: nn.Module) -> bool:
-    """Whether attention can be captured from ``model`` (our ViT/hybrid or a timm ViT)."""
+    """Whether token attention can be captured from ``model``."""
     try:
-        return model_family(model) in ("vit", "hybrid")
+        adapter = adapter_for(model)
     except ExplainError:
         return False
+    return adapter.kind == "transformer" and adapter.refusal("attention") is None
 
 
 def capture_attention(model: nn.Module, x: torch.Tensor, *, target: int | Sequence[int] | torch.Tensor | None = None,
-                      with_grads: bool = False) -> Capture:
+                      with_grads: bool = False, reduce: Reduce | None = None) -> Capture:
     """Run ``model`` once on ``x`` (B, C, H, W) and return its logits and every layer's attention.
 
     ``with_grads=True`` also differentiates the score (logit) of ``target`` (default: each image's
     predicted class) with respect to each layer's attention weights; the model still runs once.
+    ``reduce`` (e.g. :func:`mean_heads`) is applied to each layer as it runs, without gradients only:
+    a rollout then never holds every layer's full (B, heads, N, N) at once.
     The model's train/eval mode is left as it is (explanations normally want ``model.eval()``).
     """
     check_images(x)
-    family = model_family(model)  # refuses models we know nothing about
-    if family not in ("vit", "hybrid"):
+    adapter = adapter_for(model)
+    why = adapter.refusal("attention")
+    if adapter.kind != "transformer" or why is not None:
+        raise ExplainError(why or f"{type(model).__name__} has no attention to capture; use method='gradcam'.")
+    if with_grads and not adapter.has_head:
         raise ExplainError(
-            f"{type(model).__name__} ({family}) has no attention to capture; attention methods need a ViT or "
-            "hybrid. Use method='gradcam' for CNNs."
+            f"{type(model).__name__} has no classifier head (it returns features), so there is no class score to "
+            "differentiate; use a class-agnostic method ('attention', 'rollout', 'similarity')."
         )
+    if with_grads and reduce is not None:
+        raise ExplainError("reduce applies to captures without gradients only.")
     if with_grads:
         # The input joins the graph so that a model with frozen weights still has one to differentiate.
         x = x.detach().requires_grad_(True)
+    tokens = adapter.final_tokens(x.shape[-2], x.shape[-1])
     with torch.enable_grad() if with_grads else torch.no_grad():
-        if is_timm_vit(model):
-            with timm_attention_recorder(model) as records:
-                logits = model(x)  # (B, classes)
-            attentions = list(records)
-        else:
-            logits, attentions = model(x, return_attention=True)  # [(B, heads, N, N)] * depth
-        if not attentions:
+        logits, rec = adapter.record_forward(x, reduce)
+        logits = _logits(logits, model)
+        records = [r for r in rec.records if r.token_attention]
+        if not records:
             raise ExplainError(f"{type(model).__name__} returned no attention weights; it has no attention layers.")
-        if not with_grads:  # a target given anyway is checked and recorded, not differentiated
-            t = None if target is None else resolve_target(target, logits)
-            return Capture(logits=logits, attentions=attentions, target=t)
-        t = resolve_target(target, logits)  # (B,)
-        # Images in a batch do not interact in eval mode, so the summed score gives each its own gradient.
-        score = logits.gather(1, t[:, None]).sum()
-        gradients = torch.autograd.grad(score, attentions)
-    return Capture(
-        logits=logits.detach(),
-        attentions=[a.detach() for a in attentions],
-        gradients=[g.detach() for g in gradients],
-        target=t,
-    )
+        grads: Sequence[torch.Tensor | None] = [None] * len(records)
+        t = None
+        if with_grads:
+            t = resolve_target(target, logits)  # (B,)
+            # Images in a batch do not interact in eval mode, so the summed score gives each its own gradient.
+            score = logits.gather(1, t[:, None]).sum()
+            grads = torch.autograd.grad(score, [r.weights for r in records], allow_unused=True)
+        elif target is not None:  # a target given anyway is checked and recorded, not differentiated
+            t = resolve_target(target, logits)
+    readout = adapter.readout(tokens, rec)
+    readout = readout.detach().to(logits.dtype)
+    if readout.ndim == 1:
+        readout = readout.expand(x.shape[0], -1)  # (B, N)
+    return Capture(logits=logits.detach(), layers=_merge(records, grads), tokens=tokens, readout=readout,
+                   target=t, adapter=adapter)
 
 
-# --- timm ------------------------------------------------------------------------------------------
-
-@contextmanager
-def timm_attention_recorder(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """For the calls inside the ``with`` block, record the attention weights of a timm model.
-
-    Yields a list that fills with one (B, heads, N, N) tensor per attention call, in call order. Each
-    timm ``Attention`` instance gets an instance-level ``forward`` that takes the explicit path; on
-    exit (also on an exception) the instance attribute is deleted, so the class's fused ``forward``
-    applies again and ``fused_attn`` is never touched.
-    """
-    from timm.layers.attention import Attention as TimmAttention
-
-    modules = [m for m in model.modules() if isinstance(m, TimmAttention)]
-    if not modules:
-        raise ExplainError(f"{type(model).__name__} has no timm Attention layers to record.")
-    unsupported = sorted({type(m).__name__ for m in modules if type(m).forward is not TimmAttention.forward})
-    if unsupported:
-        raise ExplainError(
-            f"timm attention classes {unsupported} override forward; vitviz records timm's Attention only. "
-            "Try vitviz.from_timm(model) if the architecture converts."
-        )
-    records: list[torch.Tensor] = []
-    missing = object()
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        for m in modules:
-            saved.append((m, m.__dict__.get("forward", missing)))
-            m.forward = types.MethodType(_make_explicit_forward(records), m)
-        yield records
-    finally:
-        for m, previous in saved:
-            if previous is missing:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous
+def _logits(out: object, model: nn.Module) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):  # e.g. a distilled model in training mode returns two heads
+        raise ExplainError(f"{type(model).__name__} returned {len(out)} outputs; call model.eval() first.")
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ExplainError(f"{type(model).__name__} returned {shape}, not (B, classes) logits or (B, D) features.")
+    return out
 
 
-def _make_explicit_forward(records: list[torch.Tensor]):
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        # timm 1.0.31 Attention.forward with fused_attn=False, plus recording of the softmax weights.
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, hd)
-        q, k = self.q_norm(q), self.k_norm(k)
-        scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N); q is N x hd, cheaper to scale
-        bias = _additive_mask(N, scores, attn_mask, is_causal)
-        if bias is not None:
-            scores = scores + bias
-        attn = scores.softmax(dim=-1)  # (B, heads, N, N)
-        records.append(attn)
-        x = self.attn_drop(attn) @ v  # (B, heads, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, getattr(self, "attn_dim", self.num_heads * self.head_dim))
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))  # (B, N, D)
-
-    return forward
-
-
-def _additive_mask(n: int, scores: torch.Tensor, attn_mask: torch.Tensor | None,
-                   is_causal: bool) -> torch.Tensor | None:
-    """The additive bias ``scaled_dot_product_attention`` would apply (causal wins over a mask)."""
-    if is_causal:
-        return scores.new_full((n, n), float("-inf")).triu_(1)
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
-    return attn_mask
-
+def _merge(records: list[AttentionRecord], grads: Sequence[torch.Tensor | None]) -> list[Layer]:
+    """One :class:`Layer` per block: dense weights, parallel branches concatenated on the heads axis."""
+    layers: list[Layer] = []
+    for rec, g in zip(records, grads, strict=True):
+        w = rec.dense(rec.weights).detach()  # (B, heads, Nq, Nk)
+        if g is None and grads[0] is not None:
+            g = torch.zeros_like(rec.weights)  # an attention the score does not depend on
+        g = rec.dense(g).detach() if g is not None else None
+        prev = layers[-1] if layers else None
+        if prev is not None and prev.block == rec.block and prev.block >= 0 and prev.queries == rec.queries \
+                and prev.keys == rec.keys:
+            prev.weights = torch.cat([prev.weights, w], dim=1)
+            if g is not None:
+                prev.gradients = torch.cat([prev.gradients, g], dim=1)
+            continue
+        layers.append(Layer(weights=w, queries=rec.queries, keys=rec.keys, name=rec.name, block=rec.block,
+                            stage=rec.stage, gradients=g, q_index=rec.q_index, k_index=rec.k_index))
+    return layers

@@ -22,7 +22,7 @@ from vitviz.errors import ExplainError, VitvizError
 
 __all__ = ["add_parser", "build_parser", "main", "run"]
 
-_METHODS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam")  # = vitviz.explain.METHODS (no torch import)
+_METHODS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")  # = vitviz.explain.METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +56,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discard-ratio", type=float, help="rollout, grad-rollout: weakest weights dropped, in [0, 1)")
     p.add_argument("--start-layer", type=int, help="rollout, grad-rollout, chefer: first layer used (default 0)")
     p.add_argument("--target", help="class index or name to explain (default: the predicted class)")
-    p.add_argument("--query", metavar="ROW,COL", help="attention: query patch (default: the class token)")
+    p.add_argument("--query", metavar="ROW,COL",
+                   help="attention: query patch (default: what the head reads); similarity: the cell to compare")
     p.add_argument("--out", required=True, metavar="PNG", help="overlay PNG to write; the map goes to .npy beside it")
     p.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
     p.add_argument("--colormap", default="jet", help="jet, viridis, inferno or gray (default: jet)")

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.capture import capture_attention
-from vitviz.explain.layout import check_images, token_layout
+from vitviz.explain.capture import Layer, capture_attention
+from vitviz.explain.layout import check_images
 
-__all__ = ["attention_distance", "mean_attention_distance", "patch_distances"]
+__all__ = ["attention_distance", "layer_distance", "mean_attention_distance", "patch_distances"]
 
 
 def patch_distances(grid: tuple[int, int], cell: tuple[int, int] | int) -> torch.Tensor:
@@ -60,15 +60,48 @@ def mean_attention_distance(attentions: Sequence[torch.Tensor], grid: tuple[int,
     return _per_image(attentions, grid, cell, num_prefix_tokens).mean(dim=0).float()
 
 
+def layer_distance(layer: Layer) -> torch.Tensor:
+    """Mean attention distance in pixels per image and head (B, heads) of one captured layer, float64.
+
+    Works for any token attention over a grid: queries and keys may lie on different grids (pooled
+    keys), each cell's centre placed in pixels by its own cell size; prefix tokens are left out.
+    """
+    q, k = layer.queries, layer.keys
+    if q.num_grid == 0 or k.num_grid == 0:
+        raise ExplainError(f"layer {layer.name} has no grid queries or keys; attention distance needs both.")
+    w = layer.weights[:, :, q.prefix:, k.prefix:].double()  # (B, heads, Pq, Pk)
+    w = w / w.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    dist = _centre_distances(q.grid, q.cell, k.grid, k.cell).to(w.device)  # (Pq, Pk)
+    return (w * dist).sum(dim=-1).mean(dim=-1)  # (B, heads)
+
+
+def _centre_distances(qgrid: tuple[int, int], qcell: tuple[int, int], kgrid: tuple[int, int],
+                      kcell: tuple[int, int]) -> torch.Tensor:
+    """Pixel distance between every query cell centre and every key cell centre, (Pq, Pk)."""
+    def centres(grid: tuple[int, int], cell: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = (torch.arange(grid[0], dtype=torch.float64).repeat_interleave(grid[1]) + 0.5) * cell[0]
+        cols = (torch.arange(grid[1], dtype=torch.float64).repeat(grid[0]) + 0.5) * cell[1]
+        return rows, cols
+
+    qy, qx = centres(qgrid, qcell)
+    ky, kx = centres(kgrid, kcell)
+    return torch.sqrt((qy[:, None] - ky[None, :]) ** 2 + (qx[:, None] - kx[None, :]) ** 2)
+
+
 def attention_distance(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Mean attention distance (depth, heads) in pixels of ``model`` over a set of images (N, C, H, W)."""
+    """Mean attention distance (layers, heads) in pixels of ``model`` over a set of images (N, C, H, W).
+
+    Every token attention over a grid counts, on any adapted model; models whose layers have
+    different numbers of heads get NaN where a layer has fewer heads than the widest.
+    """
     check_images(images)
     if batch_size < 1:
         raise ExplainError(f"batch_size must be positive, got {batch_size}.")
-    lay = token_layout(model, images.shape[-2], images.shape[-1])
     total = None
     for start in range(0, images.shape[0], batch_size):
         cap = capture_attention(model, images[start:start + batch_size])
-        per = _per_image(cap.attentions, lay.grid, lay.cell, lay.num_prefix_tokens).sum(dim=0)  # (depth, heads)
-        total = per if total is None else total + per
+        per = [layer_distance(layer).sum(dim=0) for layer in cap.layers]  # [(heads,)] per layer
+        width = max(p.shape[0] for p in per)
+        stacked = torch.stack([torch.cat([p, p.new_full((width - p.shape[0],), float("nan"))]) for p in per])
+        total = stacked if total is None else total + stacked  # (layers, heads)
     return (total / images.shape[0]).float()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.layout import is_timm_vit, model_family
+from vitviz.explain.adapters import adapter_for
 
 __all__ = [
     "FilterPCA", "filter_pca", "patch_embedding_filters", "patch_embedding_pca", "patch_embedding_weight",
@@ -35,13 +35,15 @@ class FilterPCA:
 
 def patch_embedding_weight(model: nn.Module) -> torch.Tensor:
     """Patch projection filters (D, C, p, p) of a ViT (ours or timm); ExplainError for others."""
-    family = model_family(model)
-    if family != "vit":
+    adapter = adapter_for(model)
+    w = adapter.patch_embedding_weight()
+    if w is None:
+        family = adapter.family
         raise ExplainError(
-            f"a {family} model has no pixel-space patch filters "
-            + ("(its tokens come from a CNN feature map, not from pixels)." if family == "hybrid" else "(no patches).")
+            f"a {family} model ({type(model).__name__}) has no pixel-space patch filters "
+            + ("(its tokens come from a CNN feature map, not from pixels)." if family == "hybrid" else
+               "(its stem is not a linear projection of non-overlapping patches).")
         )
-    w = model.patch_embed.proj.weight if is_timm_vit(model) else model.patch_embed_weight
     return w.detach().float().cpu()  # (D, C, p, p)
 
 
@@ -93,16 +95,15 @@ def position_embeddings(model: nn.Module, grid: tuple[int, int] | None = None) -
     """Patch position embeddings as a grid (gh, gw, D), resampled to ``grid`` when given."""
     from vitviz.models.layers import resample_pos_embed
 
-    family = model_family(model)
-    if family == "resnet":
-        raise ExplainError("a ResNet has no position embeddings; pick a ViT or hybrid.")
-    pos = model.pos_embed.detach().float().cpu()  # (1, prefix + N, D)
-    if is_timm_vit(model):
-        prefix = 0 if getattr(model, "no_embed_class", False) else int(model.num_prefix_tokens)
-        base = tuple(int(g) for g in model.patch_embed.grid_size)
-    else:
-        prefix = int(model.num_prefix_tokens)
-        base = tuple(model.grid_size)
+    found = adapter_for(model).position_embedding()
+    if found is None:
+        raise ExplainError(f"{type(model).__name__} has no learned absolute position embeddings (it is a CNN, or "
+                           "it encodes positions relatively or by rotation); pick a ViT or hybrid that learns them.")
+    pos, base, prefix = found
+    pos = pos.detach().float().cpu()  # (1, prefix + N, D)
+    if pos.ndim == 2:
+        pos = pos[None]
+    base = tuple(int(g) for g in base)
     if pos.shape[1] - prefix != base[0] * base[1]:
         raise ExplainError(f"position embedding of {pos.shape[1]} entries does not fit a {base} grid.")
     if grid is not None:

@@ -1,13 +1,11 @@
-"""What explanation code needs to know about a model: its family, token grid and class targets.
+"""Input checks, class targets, and the token layout a model's adapter reports.
 
 Every explanation reads the grid, the number of prefix tokens and the pixels one grid cell covers
-from here instead of guessing (never a hard-coded 14x14). Our ViT/hybrid expose these directly;
-timm ViTs are read from their ``patch_embed``.
+from the model's adapter (:mod:`vitviz.explain.adapters`) instead of guessing (never a hard-coded 14x14).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +25,8 @@ class TokenLayout:
     num_prefix_tokens: int  # class (and register) tokens before the patch tokens
     cell: tuple[int, int]  # pixels one grid cell covers (rows, cols)
     image_size: tuple[int, int]  # input (H, W) in pixels
-    # What the head reads: "token" (the class token) or "mean" (the mean of the patch tokens). Maps
+    # What the head reads: "token" (the class token), "dist" (class and distillation tokens averaged),
+    # "mean" (the patch tokens' mean), "max"/"avgmax" (a max pool), "pool" (an attention pool). Maps
     # "from the model's point of view" start from this readout; with mean pooling the class token's
     # last-layer output is never read, so its attention row explains nothing.
     readout: str = "token"
@@ -51,49 +50,26 @@ def is_timm_vit(model: nn.Module) -> bool:
 
 
 def model_family(model: nn.Module) -> str:
-    """"vit", "hybrid" or "resnet" for our models and timm ViTs; ExplainError for anything else."""
-    family = getattr(model, "family", None)
-    if family in ("vit", "hybrid", "resnet"):
-        return family
-    if is_timm_vit(model):
-        return "hybrid" if hasattr(model.patch_embed, "backbone") else "vit"
-    raise ExplainError(
-        f"vitviz cannot explain a {type(model).__name__}: pass a vitviz model (create_model / load_checkpoint), "
-        "a timm VisionTransformer, or convert a timm model with vitviz.from_timm."
-    )
+    """The model's family as its adapter names it ("vit", "hybrid", "resnet", "hierarchical", "cnn");
+    ExplainError for a model no adapter knows."""
+    from vitviz.explain.adapters import adapter_for
+
+    return adapter_for(model).family
 
 
 def token_layout(model: nn.Module, height: int, width: int) -> TokenLayout:
-    """Token grid, prefix count and cell size of a transformer for an input of ``height`` x ``width``."""
-    family = model_family(model)
-    if family == "resnet":
+    """Final token grid, prefix count and cell size of a transformer for an input of ``height`` x ``width``."""
+    from vitviz.explain.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.kind != "transformer":
         raise ExplainError(
-            f"{type(model).__name__} is a ResNet: it has no tokens or attention. Use method='gradcam' for CNNs."
+            f"{type(model).__name__} is a CNN ({adapter.family}): it has no tokens or attention. Use "
+            "method='gradcam' for CNNs."
         )
-    if is_timm_vit(model):
-        pe = model.patch_embed
-        if getattr(model, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-            grid = tuple(int(g) for g in pe.dynamic_feat_size((height, width)))
-        else:
-            grid = tuple(int(g) for g in pe.grid_size)
-        if hasattr(pe, "backbone"):  # hybrid: a cell is the backbone stride times the feature patch
-            cell = (math.ceil(height / grid[0]), math.ceil(width / grid[1]))
-        else:
-            cell = (int(pe.patch_size[0]), int(pe.patch_size[1]))
-        prefix = int(model.num_prefix_tokens)
-        # timm's avg / max / avgmax / map pooling all read the patch tokens as a set: the mean is their readout
-        readout = "token" if model.global_pool == "token" and prefix > 0 else "mean"
-    else:
-        grid = tuple(int(g) for g in model.patch_grid(height, width))
-        pe = model.patch_embed
-        step = int(pe.patch_size) * int(getattr(pe, "reduction", 1))  # hybrid cells cover reduction * p px
-        cell = (step, step)
-        prefix = int(model.num_prefix_tokens)
-        pooling = getattr(getattr(model, "vit_config", None), "pooling", "token")
-        readout = "token" if pooling == "token" and prefix > 0 else "mean"
-    if grid[0] < 1 or grid[1] < 1:
-        raise ExplainError(f"an input of {height}x{width} px is smaller than one token cell ({cell[0]} px).")
-    return TokenLayout(grid=grid, num_prefix_tokens=prefix, cell=cell, image_size=(height, width), readout=readout)
+    tokens = adapter.final_tokens(height, width)
+    return TokenLayout(grid=tokens.grid, num_prefix_tokens=tokens.prefix, cell=tokens.cell,
+                       image_size=(height, width), readout=adapter.readout_kind())
 
 
 def check_images(x: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ import torch
 
 from vitviz.errors import ExplainError
 
-__all__ = ["HEAD_FUSIONS", "attention_rollout", "fuse_heads", "grad_rollout", "readout_vector", "rollout_layer",
-           "rollout_row", "token_row_to_grid"]
+__all__ = ["HEAD_FUSIONS", "RowStep", "attention_rollout", "fuse_heads", "grad_rollout", "propagate_row",
+           "readout_vector", "rollout_layer", "rollout_row", "token_row_to_grid"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -40,17 +40,22 @@ def rollout_layer(fused: torch.Tensor, discard_ratio: float = 0.0, num_prefix_to
     class token keeps its own attention. Then the identity is added and rows are renormalised.
     """
     check_discard_ratio(discard_ratio)
-    a = fused
-    n_patch = a.shape[-1] - num_prefix_tokens
-    k = int(discard_ratio * n_patch)
-    if k > 0:
-        patch = a[..., num_prefix_tokens:]  # (B, N, P)
-        lowest = patch.topk(k, dim=-1, largest=False).indices  # (B, N, k)
-        patch = patch.scatter(-1, lowest, 0.0)
-        a = torch.cat([a[..., :num_prefix_tokens], patch], dim=-1)  # (B, N, N)
+    a = _discard(fused, discard_ratio, num_prefix_tokens)
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # (N, N)
     a = a + eye  # the residual path
     return a / a.sum(dim=-1, keepdim=True)  # (B, N, N), rows sum to 1
+
+
+def _discard(fused: torch.Tensor, discard_ratio: float, num_prefix_tokens: int) -> torch.Tensor:
+    """Zero, per row, the ``floor(ratio * patches)`` weakest patch columns of (B, Nq, Nk); prefix columns stay."""
+    n_patch = fused.shape[-1] - num_prefix_tokens
+    k = int(discard_ratio * n_patch)
+    if k <= 0:
+        return fused
+    patch = fused[..., num_prefix_tokens:]  # (B, Nq, P)
+    lowest = patch.topk(k, dim=-1, largest=False).indices  # (B, Nq, k)
+    patch = patch.scatter(-1, lowest, 0.0)
+    return torch.cat([fused[..., :num_prefix_tokens], patch], dim=-1)  # (B, Nq, Nk)
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0,
@@ -155,42 +160,100 @@ def rollout_row(attentions: Sequence[torch.Tensor], row: int | str = 0, head_fus
 
     ``row``: a token index (0: the class token) or "mean" (the mean of the patch tokens' rows, the
     readout of a mean-pooled model; also what row 0 means for a model without prefix tokens).
-
-    ``e_row^T Â_L ⋯ Â_1`` is computed right to left as vector-matrix products: N^2 work per layer
-    instead of N^3, which is what keeps rollout within a few percent of a plain forward pass.
+    See :func:`propagate_row` for how it is computed.
     """
-    if gradients is None:
-        layers = _layers_from(attentions, start_layer)
-        if head_fusion == "mean" and int(discard_ratio * (layers[0].shape[-1] - num_prefix_tokens)) == 0:
-            check_discard_ratio(discard_ratio)
-            return _mean_rollout_row(layers, row, num_prefix_tokens)
-        mats = [rollout_layer(fuse_heads(a, head_fusion), discard_ratio, num_prefix_tokens) for a in layers]
-    else:
-        mats = [rollout_layer(f, discard_ratio, num_prefix_tokens)
-                for f in _grad_fused(attentions, gradients, start_layer)]
-    last = mats[-1]
-    r = readout_vector(last.shape[-1], row, num_prefix_tokens, last.dtype, last.device) @ last  # (B, N)
-    r = r[:, None]  # (B, 1, N)
-    for a in reversed(mats[:-1]):
-        r = r @ a  # (B, 1, N)
-    return r[:, 0]  # (B, N)
-
-
-def _mean_rollout_row(layers: list[torch.Tensor], row: int | str, num_prefix_tokens: int) -> torch.Tensor:
-    """Row of the mean-fused rollout (no discard) without ever forming a fused (N, N) matrix.
-
-    With W = mean_h A_h and Â = D^-1 (W + I), D = diag(row sums of W + I):
-    r Â = s W + s with s = r D^-1, and s W = mean_h (s A_h). Every step is a batched
-    vector-matrix product or a contiguous reduction over the last axis: a reduction across the
-    heads axis of (B, heads, N, N) is strided, and costs more than the rest of rollout together.
-    """
+    layers = _layers_from(attentions, start_layer)
+    if gradients is not None:
+        _check_pairs(attentions, gradients)
+    grads = None if gradients is None else list(gradients)[_start_index(len(attentions), start_layer):]
     a0 = layers[0]
-    r = readout_vector(a0.shape[-1], row, num_prefix_tokens, a0.dtype, a0.device).expand(a0.shape[0], -1)  # (B, N)
-    for a in reversed(layers):
-        row_sums = a.sum(dim=-1).mean(dim=1) + 1.0  # (B, N): row sums of W + I
-        s = r / row_sums  # (B, N)
-        r = (s[:, None, None, :] @ a).mean(dim=1)[:, 0] + s  # (B, heads, 1, N) -> (B, N)
-    return r
+    w = readout_vector(a0.shape[-1], row, num_prefix_tokens, a0.dtype, a0.device).expand(a0.shape[0], -1)
+    steps = [RowStep(a, None if grads is None else grads[i]) for i, a in enumerate(layers)]
+    mode = "rollout" if gradients is None else "grad-rollout"
+    base, delta = propagate_row(steps, w, mode, head_fusion, discard_ratio, num_prefix_tokens)
+    return base + delta
+
+
+class RowStep:
+    """One layer for :func:`propagate_row`: weights (and gradients) (B, heads, Nq, Nk) and where they sit.
+
+    ``q_index`` / ``k_index`` place the layer's queries / keys in the propagated token set (None: all
+    of it). Tokens a layer does not update keep their value through it (an identity row), as tokens
+    that skip a layer do (CaiT's patches in its class-attention stage, the class token before
+    ConViT appends it).
+    """
+
+    __slots__ = ("weights", "gradients", "q_index", "k_index")
+
+    def __init__(self, weights: torch.Tensor, gradients: torch.Tensor | None = None,
+                 q_index: torch.Tensor | None = None, k_index: torch.Tensor | None = None) -> None:
+        self.weights, self.gradients, self.q_index, self.k_index = weights, gradients, q_index, k_index
+
+
+def propagate_row(steps: Sequence[RowStep], readout: torch.Tensor, mode: str = "rollout",
+                  head_fusion: str = "mean", discard_ratio: float = 0.0,
+                  num_prefix_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readout's row of a rollout / grad rollout / Chefer relevance, as ``(base, delta)`` (B, N) each.
+
+    ``readout``: (B, N) weights over the tokens the head reads (one-hot for a class token, uniform
+    over patches for a mean pool, an attention pool's own weights). ``steps`` in layer order.
+
+    ``w^T M_L ⋯ M_1`` is computed right to left as vector-matrix products (N^2 work per layer, not N^3).
+    The row is kept as ``base + delta`` with ``base = w``: every layer maps ``w`` to itself plus an
+    increment, and when the increments are tiny (a layer scale of 1e-6 makes gradients ~1e-10) adding
+    them to ``w`` in float32 would round them away; kept apart they stay exact to float rounding of
+    their own size. The map is then ``delta`` plus ``w`` (constant over the patches for a mean pool).
+
+    * rollout / grad-rollout (``M = norm_rows(F + I)``): with ``eps`` the row sums of ``F`` and
+      ``t = eps / (1 + eps)``, ``r M = r - (r t) + (r (1 - t)) F`` on the rows the layer updates.
+    * chefer (``M = I + Ā``): ``r M = r + r Ā``.
+    """
+    if mode not in ("rollout", "grad-rollout", "chefer"):
+        raise ExplainError(f"unknown propagation mode {mode!r}.")
+    check_fusion(head_fusion)
+    check_discard_ratio(discard_ratio)
+    base = readout
+    delta = torch.zeros_like(readout)  # (B, N)
+    for step in reversed(steps):
+        a, g = step.weights, step.gradients
+        if mode != "rollout" and g is None:
+            raise ExplainError("gradient methods need one gradient per attention layer; capture with with_grads=True.")
+        r = base + delta
+        rq = r if step.q_index is None else r[:, step.q_index]  # (B, Nq)
+        if mode == "chefer":
+            a_bar = (g * a).clamp(min=0).mean(dim=1)  # (B, Nq, Nk): clamp per head, then average heads
+            contrib = (rq[:, None, :] @ a_bar)[:, 0]  # (B, Nk)
+        else:
+            contrib, shrink = _normalised_step(a, g, rq, head_fusion, discard_ratio, num_prefix_tokens, step)
+            delta = _index_add(delta, step.q_index, -shrink)
+        delta = _index_add(delta, step.k_index, contrib)
+    return base, delta
+
+
+def _normalised_step(a: torch.Tensor, g: torch.Tensor | None, rq: torch.Tensor, fusion: str, discard: float,
+                     prefix: int, step: RowStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r (1 - t)) F`` (B, Nk) and ``r t`` (B, Nq) for one row-normalised rollout layer."""
+    key_prefix = prefix if step.k_index is None else 0
+    if g is None and fusion == "mean" and int(discard * (a.shape[-1] - key_prefix)) == 0:
+        # Mean of heads without forming it: s F = mean_h(s A_h); a reduction across the heads axis of
+        # (B, heads, N, N) is strided and costs more than the rest of rollout together.
+        eps = a.sum(dim=-1).mean(dim=1)  # (B, Nq)
+        t = eps / (1.0 + eps)
+        s = rq * (1.0 - t)  # (B, Nq)
+        contrib = (s[:, None, None, :] @ a).mean(dim=1)[:, 0]  # (B, heads, 1, Nk) -> (B, Nk)
+        return contrib, rq * t
+    f = fuse_heads(a, fusion) if g is None else (g * a).mean(dim=1).clamp(min=0)  # (B, Nq, Nk)
+    f = _discard(f, discard, key_prefix)
+    eps = f.sum(dim=-1)  # (B, Nq)
+    t = eps / (1.0 + eps)
+    s = rq * (1.0 - t)
+    return (s[:, None, :] @ f)[:, 0], rq * t  # (B, Nk), (B, Nq)
+
+
+def _index_add(target: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+    if index is None:
+        return target + values
+    return target.index_add(1, index.to(target.device), values)
 
 
 def _grad_fused(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor] | None,

@@ -169,8 +169,8 @@ class Adapter:
     def refusal(self, method: str) -> str | None:
         """Why ``method`` is not defined on this model (and what to use), or None when it is."""
         if self.kind == "cnn" and method in ("attention", "rollout", "grad-rollout", "chefer"):
-            return (f"{method} needs token attention, and {type(self.model).__name__} is a CNN with none; "
-                    "use method='gradcam'.")
+            return (f"{method} needs attention, and {type(self.model).__name__} is a CNN with no attention "
+                    "layers; use method='gradcam'.")
         return None
 
     def cam_forward(self, x: torch.Tensor, layer: int | None) -> CamForward:
@@ -186,12 +186,22 @@ class Adapter:
         """The model's last features as a map (B, C, h, w)."""
         return as_map(feats)
 
-    def grid_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Last-layer features on the image grid, (B, h, w, D), and the pixels one cell covers."""
+    def grid_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """Last-layer features on the image grid (B, h, w, D), the pixels one cell covers, and the logits.
+
+        One forward pass, split as ``forward_features`` then ``forward_head`` (every timm model and
+        ours); a transformer's grid tokens are placed on its final token grid.
+        """
         with torch.no_grad():
-            feats = self.features_to_map(self.model.forward_features(x))  # (B, D, h, w)
-        cell = (math.ceil(x.shape[-2] / feats.shape[-2]), math.ceil(x.shape[-1] / feats.shape[-1]))
-        return feats.permute(0, 2, 3, 1), cell
+            raw = self.model.forward_features(x)
+            logits = self.model.forward_head(raw)
+        if raw.ndim == 3 and self.kind == "transformer":
+            tokens = self.final_tokens(x.shape[-2], x.shape[-1])
+            fmap, cell = grid_tokens_to_map(raw, tokens), tokens.cell  # (B, D, gh, gw)
+        else:
+            fmap = self.features_to_map(raw)  # (B, D, h, w)
+            cell = (math.ceil(x.shape[-2] / fmap.shape[-2]), math.ceil(x.shape[-1] / fmap.shape[-1]))
+        return fmap.permute(0, 2, 3, 1), cell, logits
 
     # --- what a ViT learned (Fig. 7) ---------------------------------------------------------------
     def patch_embedding_weight(self) -> torch.Tensor | None:
@@ -291,8 +301,9 @@ def check_block(layer: int | None, depth: int) -> int:
     return index
 
 
-def hooked_forward(model: nn.Module, module: nn.Module, x: torch.Tensor, reshape: Callable[[torch.Tensor], torch.Tensor],
-            cell: tuple[int, int], pre: bool = False, grad: bool = True) -> CamForward:
+def hooked_forward(model: nn.Module, module: nn.Module, x: torch.Tensor,
+                   reshape: Callable[[torch.Tensor], torch.Tensor], cell: tuple[int, int], pre: bool = False,
+                   grad: bool = True) -> CamForward:
     """Run ``model`` once, keeping ``module``'s output (or, with ``pre``, its first input)."""
     captured: list[torch.Tensor] = []
 

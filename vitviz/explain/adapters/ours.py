@@ -120,8 +120,3 @@ class OurResNet(Adapter):
             raise ExplainError("a ResNet's Grad-CAM reads its last stage; leave layer unset (None).")
         step = int(self.model.reduction)
         return hooked_forward(self.model, self.model.gradcam_layer, x, as_map, (step, step))
-
-    def grid_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        cam = hooked_forward(self.model, self.model.gradcam_layer, x.detach(), as_map, (1, 1), grad=False)
-        step = int(self.model.reduction)
-        return cam.activations.permute(0, 2, 3, 1), (step, step)

@@ -13,7 +13,6 @@ import math
 import torch
 from torch import nn
 
-from vitviz.errors import ExplainError
 from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import Adapter, as_map
 
@@ -40,8 +39,8 @@ class TimmGeneric(Adapter):
             if _looks_like_attention(self.model):
                 return (f"vitviz has no adapter for {type(self.model).__name__}'s attention yet, so {method} is not "
                         "available; use method='gradcam' (it reads the model's last feature map).")
-            return (f"{method} needs token attention, and {type(self.model).__name__} is a CNN with none; use "
-                    "method='gradcam'.")
+            return (f"{method} needs attention, and {type(self.model).__name__} is a CNN with no attention "
+                    "layers; use method='gradcam'.")
         return None
 
     def features_to_map(self, feats: torch.Tensor) -> torch.Tensor:
@@ -58,9 +57,3 @@ class TimmGeneric(Adapter):
                     grid = feats[:, prefix:]  # (B, side*side, D)
                     return grid.transpose(1, 2).reshape(feats.shape[0], -1, side, side)  # (B, D, s, s)
         return as_map(feats)
-
-    def grid_features(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        try:
-            return super().grid_features(x)
-        except ExplainError as err:
-            raise ExplainError(f"{type(self.model).__name__}'s last features are not on an image grid: {err}") from err
