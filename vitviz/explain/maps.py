@@ -8,12 +8,19 @@ import torch.nn.functional as F
 __all__ = ["normalize_maps", "upsample_maps"]
 
 
-def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Min-max normalise each map of a batch (B, ...) to [0, 1] as float32; a constant map becomes 0."""
+def normalize_maps(maps: torch.Tensor, rel_eps: float = 1e-6) -> torch.Tensor:
+    """Min-max normalise each map of a batch (B, ...) to [0, 1] as float32; a constant map becomes 0.
+
+    A map counts as constant when its range is below ``rel_eps`` of its largest magnitude (float32
+    rounding noise), not below an absolute threshold: relevance through a 1e-6 layer scale is ~1e-13
+    everywhere and still a map.
+    """
     flat = maps.detach().float().reshape(maps.shape[0], -1)  # (B, P)
     lo = flat.min(dim=1, keepdim=True).values  # (B, 1)
     span = flat.max(dim=1, keepdim=True).values - lo  # (B, 1)
-    out = torch.where(span > eps, (flat - lo) / span.clamp(min=eps), torch.zeros_like(flat))
+    scale = flat.abs().max(dim=1, keepdim=True).values  # (B, 1)
+    varied = (span > rel_eps * scale) & (span > 0)
+    out = torch.where(varied, (flat - lo) / span.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(flat))
     return out.reshape(maps.shape)
 
 
