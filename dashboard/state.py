@@ -136,13 +136,25 @@ def load_timm(name: str, pretrained: bool, pretrained_file: str | None, device: 
 
 @st.cache_resource(show_spinner="Building the timm model…", max_entries=4)
 def _load_timm(name: str, pretrained: bool, pretrained_file: str | None, device: str) -> Loaded:
+    from vitviz.explain import adapter_for, has_attention
     from vitviz.models.timm_interop import create_timm_model, timm_preprocessing
 
     model = create_timm_model(name, pretrained=pretrained and not pretrained_file,
                               pretrained_file=pretrained_file or None)
+    adapter = adapter_for(model)  # our converted class, or the timm model itself when it does not convert
     num_classes = int(getattr(model, "num_classes", 0) or 0)
-    info = ds.timm_info(name, model.family, pretrained, timm_preprocessing(name), num_classes, pretrained_file)
+    info = ds.timm_info(name, adapter.family, pretrained, timm_preprocessing(name), num_classes, pretrained_file)
+    info = dataclasses.replace(info, has_head=adapter.has_head, token_attention=has_attention(model))
     return Loaded(model.to(device).eval(), info, device)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def feature_pca(model_key: str, image_key: str, _subject: Subject) -> np.ndarray:
+    """The first three principal components of the last layer's cell features as RGB (h, w, 3) in [0, 1]."""
+    from vitviz.explain import feature_pca as _pca
+
+    rgb, _ = _pca(_subject.model, _subject.x)
+    return _numpy(rgb)[0]
 
 
 # --------------------------------------------------------------------------------------------------

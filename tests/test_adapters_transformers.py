@@ -186,7 +186,7 @@ def test_one_record_per_attention_layer(built: Built) -> None:
     final = adapter.final_tokens(built.side, built.side)
     heads = adapter.heads()
     assert heads == built.model.blocks[0].attn.num_heads
-    for r, (_name, token, softmax) in zip(rec.records, expected):
+    for r, (_name, token, softmax) in zip(rec.records, expected, strict=True):
         assert r.token_attention is token
         w = r.dense()
         if token:
@@ -212,7 +212,7 @@ def test_reduce_is_applied_as_each_layer_runs(built: Built) -> None:
         _, full = adapter.record_forward(built.x)
         _, reduced = adapter.record_forward(built.x, reduce=lambda a: a.mean(dim=1, keepdim=True))
     assert len(full.records) == len(reduced.records)
-    for f, r in zip(full.records, reduced.records):
+    for f, r in zip(full.records, reduced.records, strict=True):
         assert r.weights.shape[1] == 1
         torch.testing.assert_close(r.weights, f.weights.mean(dim=1, keepdim=True))
 
@@ -446,7 +446,7 @@ def test_model_left_as_it_was(built: Built) -> None:
             raise RuntimeError("boom")
         _assert_same(model, before)
     finally:
-        for m, value in zip(fused, original):
+        for m, value in zip(fused, original, strict=True):
             if value is _MISSING:
                 m.__dict__.pop("fused_attn", None)
             else:
@@ -500,14 +500,39 @@ def test_wrong_input_size_is_refused_with_the_size_the_model_takes(built: Built)
         pass
 
 
+def _attention_input_module(b: Built, index: int) -> nn.Module:
+    """The norm whose output enters attention in layer ``index`` (counting as the records do)."""
+    m = b.model
+    later = {TimmCait: "blocks_token_only", TimmXcit: "cls_attn_blocks"}.get(b.cls)
+    blocks = list(m.blocks) + (list(getattr(m, later)) if later else [])
+    return blocks[index].norm1
+
+
 def test_gradcam_feature_maps(built: Built) -> None:
+    """Each layer's map is its norm1 output (the tokens entering attention); with no layer, a class-token
+    readout reads the last such layer, a pooled one the final norm (what forward_features returns)."""
     model, adapter = built.model, adapter_for(built.model)
     tokens = adapter.final_tokens(built.side, built.side)
     for layer in [None, *range(adapter.depth()), -1]:
-        cam = adapter.cam_forward(built.x, layer)
+        pooled_default = layer is None and adapter.readout_kind() == "mean"
+        index = adapter.depth() - 1 if layer is None or layer == -1 else layer
+        seen: list[torch.Tensor] = []
+        handle = _attention_input_module(built, index).register_forward_hook(
+            lambda _m, _i, o, seen=seen: seen.append(o))
+        try:
+            cam = adapter.cam_forward(built.x, layer)
+        finally:
+            handle.remove()
         torch.testing.assert_close(cam.logits.detach(), built.logits, atol=1e-5, rtol=1e-4)
+        if pooled_default:
+            with torch.no_grad():
+                expected = model.forward_features(built.x)  # (B, N, D)
+        else:
+            (expected,) = seen
+        torch.testing.assert_close(cam.activations.detach(), expected.detach())
         fmap = cam.reshape(cam.activations)  # (B, D, gh, gw)
         assert fmap.shape == (2, model.embed_dim, *tokens.grid)
+        torch.testing.assert_close(fmap[:, :, -1, -1], cam.activations[:, -1])  # the last token is the last cell
         assert cam.cell == tokens.cell
         if layer is None:
             (grad,) = torch.autograd.grad(cam.logits[:, 0].sum(), cam.activations)
@@ -552,6 +577,50 @@ def test_eva_position_embedding_without_class_rows() -> None:
     assert adapter.final_tokens(28, 28).prefix == 3  # class token and two registers
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 28, 28)).shape[1] == 3 + 4
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "map"])
+def test_eva_image_dependent_readouts(pool: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, num_classes=3,
+                              global_pool=pool).eval()
+    adapter = adapter_for(model)
+    tokens = adapter.final_tokens(28, 28)
+    with pytest.raises(ExplainError, match="record a forward pass"):
+        adapter.readout(tokens)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        _, rec = adapter.record_forward(x)
+        feats = model.forward_features(x)  # (B, N, D)
+    r = adapter.readout(tokens, rec)  # (B, N)
+    assert r.shape == (2, tokens.n)
+    torch.testing.assert_close(r.sum(-1), torch.ones(2))
+    if pool == "map":
+        assert adapter.readout_kind() == "pool" and (r >= 0).all() and not torch.allclose(r[0], r[1])
+        return
+    grid = feats[:, tokens.prefix:]  # (B, P, D)
+    wins = F.one_hot(grid.argmax(dim=1), grid.shape[1]).float().mean(dim=1)  # (B, P): share of channels won
+    expected = wins if pool == "max" else 0.5 * wins + 0.5 / grid.shape[1]
+    assert (r[:, :tokens.prefix] == 0).all()
+    torch.testing.assert_close(r[:, tokens.prefix:], expected)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_convit_whose_class_token_never_joins(pool: str) -> None:
+    """Every block GPSA: no class token joins, yet timm's head reads token 0 (a patch) or skips it in the mean."""
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", pretrained=False, img_size=32, patch_size=8, depth=2, local_up_to_layer=2,
+                              embed_dim=8, num_heads=4, num_classes=3, global_pool=pool).eval()
+    adapter = adapter_for(model)
+    tokens = adapter.final_tokens(32, 32)
+    assert tokens.prefix == 0 and tokens.n == 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits, rec = adapter.record_forward(x)
+        feats = model.forward_features(x)  # (B, 16, D)
+    assert all(r.q_index is None and r.queries == tokens for r in rec.records)
+    pooled = torch.einsum("n,bnd->bd", adapter.readout(tokens), feats)
+    torch.testing.assert_close(model.head(pooled), logits, atol=1e-5, rtol=1e-4)
 
 
 # --- explain() end to end ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ model with no code (as nanoGPT's checkpoints carry ``model_args``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -17,7 +18,11 @@ FAMILIES = ("vit", "hybrid", "resnet")
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """A Vision Transformer as in Dosovitskiy et al. 2021 (pre-norm, class token, learned positions)."""
+    """A Vision Transformer as in Dosovitskiy et al. 2021 (pre-norm, class token, learned positions).
+
+    Two later additions are optional and off by default: register tokens (Darcet et al. 2024, as in
+    DINOv2 with registers) and layer scale (Touvron et al. 2021, as in CaiT, DeiT-III and DINOv2).
+    """
 
     img_size: int = 224  # input side in pixels (square inputs; other sizes interpolate positions)
     patch_size: int = 16  # side of one patch; the grid is img_size // patch_size per side
@@ -33,9 +38,18 @@ class ViTConfig:
     attn_dropout: float = 0.0  # dropout on attention weights
     drop_path: float = 0.0  # stochastic depth rate, linearly increasing with depth
     norm_eps: float = 1e-6  # LayerNorm epsilon (timm's ViTs use 1e-6)
+    reg_tokens: int = 0  # register tokens after the class token; prefix tokens = 1 + reg_tokens
+    init_values: float | None = None  # layer scale: per-channel gains on each residual branch, starting here
 
     def __post_init__(self) -> None:
         _positive(self, "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+        if not isinstance(self.reg_tokens, int) or isinstance(self.reg_tokens, bool) or self.reg_tokens < 0:
+            raise ConfigError(f"reg_tokens must be an integer >= 0, got {self.reg_tokens!r}.")
+        if self.init_values is not None and not _positive_number(self.init_values):
+            raise ConfigError(
+                f"init_values must be a positive number (layer scale's starting gain, e.g. 1e-5) or None "
+                f"for no layer scale, got {self.init_values!r}."
+            )
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}.")
         if self.img_size % self.patch_size:
@@ -172,6 +186,11 @@ def _positive(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _positive_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
 
 
 def _check_pooling(pooling: str) -> None:

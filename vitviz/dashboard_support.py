@@ -64,10 +64,12 @@ __all__ = [
     "thumbnail",
     "timm_info",
     "topk",
+    "nearest_resize",
     "transformer_dims",
 ]
 
-FAMILY_LABELS = {"vit": "ViT", "hybrid": "Hybrid (ResNet→ViT)", "resnet": "ResNet"}
+FAMILY_LABELS = {"vit": "ViT", "hybrid": "Hybrid (ResNet→ViT)", "resnet": "ResNet",
+                 "hierarchical": "Hierarchical transformer", "cnn": "CNN"}
 FAMILY_ORDER = {"vit": 0, "hybrid": 1, "resnet": 2}
 MAX_CHECKPOINTS = 200  # files listed per folder; a folder with more is probably not a checkpoint folder
 # Listed in a folder: vitviz checkpoints, and PyTorch files people keep next to them (shown as unusable,
@@ -96,6 +98,8 @@ class ModelInfo:
     metrics: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     extra: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     train_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    has_head: bool = True  # False for a headless model (DINOv2, CLIP towers, num_classes=0): it returns features
+    token_attention: bool | None = None  # whether attention can be recorded; None: decided by the family
 
     @property
     def family_label(self) -> str:
@@ -103,8 +107,8 @@ class ModelInfo:
 
     @property
     def has_attention(self) -> bool:
-        """ViTs and hybrids have attention maps; ResNets do not."""
-        return self.family in ("vit", "hybrid")
+        """Whether the model has token attention to show (ViTs, hybrids, other adapted transformers)."""
+        return self.token_attention if self.token_attention is not None else self.family in ("vit", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -375,15 +379,27 @@ def faithfulness_row(model: str, family: str, method: str, result: Mapping[str, 
 # predictions
 
 
+def nearest_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) -> (H, W, C) by repeating cells (nearest neighbour), so each cell stays a crisp square."""
+    rows = np.minimum((np.arange(size[0]) * image.shape[0]) // size[0], image.shape[0] - 1)
+    cols = np.minimum((np.arange(size[1]) * image.shape[1]) // size[1], image.shape[1] - 1)
+    return image[rows][:, cols]
+
+
 def transformer_dims(model: Any) -> tuple[int, int] | None:
-    """(depth, heads) of a ViT or hybrid's encoder; None for models without attention (ResNets)."""
-    cfg = getattr(model, "vit_config", None)
-    if cfg is not None:
-        return int(cfg.depth), int(cfg.num_heads)
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and len(blocks) and hasattr(blocks[0], "attn"):
-        return len(blocks), int(blocks[0].attn.num_heads)
-    return None
+    """(layers, heads) of a transformer whose layers all have the same heads; None otherwise (CNNs,
+    models whose attention cannot be recorded, hierarchical models whose heads change by stage)."""
+    from vitviz.errors import VitvizError
+    from vitviz.explain import adapter_for, has_attention
+
+    try:
+        adapter = adapter_for(model)
+    except VitvizError:
+        return None
+    if not has_attention(model):
+        return None
+    depth, heads = adapter.depth(), adapter.heads()
+    return (int(depth), int(heads)) if depth and heads else None
 
 
 def predict_proba(model: Any, x: Any) -> np.ndarray:

@@ -27,7 +27,16 @@ class DatasetError(VitvizError):
 
 
 class WeightsUnavailableError(VitvizError):
-    """Pretrained weights cannot be had (offline, no file given)."""
+    """Pretrained weights cannot be had (offline, no file given).
+
+    ``model_name`` (the timm name asked for) and ``hub_id`` (its Hugging Face repository), when known,
+    let a front end re-word the advice (``vitviz.models.pretrained.weights_advice(name, where)``).
+    """
+
+    def __init__(self, message: str = "", *, model_name: str | None = None, hub_id: str | None = None) -> None:
+        super().__init__(message)
+        self.model_name = model_name
+        self.hub_id = hub_id
 
 
 class ExplainError(VitvizError, ValueError):

@@ -50,6 +50,12 @@ def pick_picture(info: ds.ModelInfo) -> state.Picture | None:
 
 def show_prediction(subject: state.Subject, probs) -> None:
     info, pic = subject.info, subject.picture
+    if not info.has_head:
+        st.markdown("##### No classifier head")
+        st.caption("This model returns features, not classes (a DINOv2 or CLIP image tower, or a model built "
+                   "with num_classes=0): it predicts nothing. Its attention, rollout, feature similarity and the "
+                   "principal components of its features show what it sees.")
+        return
     top = ds.topk(probs, info.class_names, k=5)
     st.markdown("##### Prediction")
     for name, p, _ in top:
@@ -161,6 +167,21 @@ def patch_section(subject: state.Subject, depth: int, heads: int) -> None:
                "patches mostly look at their neighbours; deeper, they gather from the whole image.")
 
 
+@ui.fragment("the feature components")
+def features_section(subject: state.Subject) -> None:
+    st.subheader("What the features group together", divider="gray")
+    rgb = state.feature_pca(*subject.key, subject)  # (h, w, 3) in [0, 1]
+    c1, c2 = st.columns(2)
+    with c1:
+        st.image(subject.fitted_array, caption="What the model sees", width="stretch")
+    with c2:
+        st.image(ds.nearest_resize(rgb, subject.fitted_array.shape[:2]), caption="First three components as RGB",
+                 width="stretch", clamp=True)
+    st.caption(f"The last layer's features of each of the {rgb.shape[0]}×{rgb.shape[1]} cells, reduced to their "
+               "three principal components and shown as red, green and blue: cells the model represents alike "
+               "share a colour.")
+
+
 ui.sidebar()
 st.title("Explore")
 st.caption("Upload an image or pick a sample: see what the model predicts, and where it looks when it does.")
@@ -194,9 +215,10 @@ with ui.guard("the Explore page"):
             st.subheader("Explanation", divider="gray")
             explanation_section(subject, probs)
         dims = ds.transformer_dims(loaded.model)
-        if dims is None:
-            st.info("ResNets have no attention, so only Grad-CAM applies. Pick a ViT or hybrid checkpoint in the "
-                    "sidebar to see attention heads and patch-to-patch attention.")
-        else:
+        if dims is None and not loaded.info.has_attention:
+            st.info("This model has no attention we can record (a CNN), so Grad-CAM and feature similarity apply. "
+                    "Pick a ViT or hybrid in the sidebar to see attention heads and patch-to-patch attention.")
+        elif dims is not None:
             heads_section(subject, *dims)
             patch_section(subject, *dims)
+        features_section(subject)

@@ -2,6 +2,9 @@
 
 Read it top to bottom: patches -> tokens (+ class token, + positions) -> pre-norm encoder -> norm ->
 pool (class token or mean) -> head. Parameter names match timm's VisionTransformer.
+
+Optional, off by default: register tokens after the class token (``reg_tokens``, "Vision Transformers
+Need Registers") and layer scale on every residual branch (``init_values``), which DeiT-III and DINOv2 use.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from vitviz.models.layers import Block, PatchEmbed, resample_pos_embed
 
 
 class VisionTransformer(nn.Module):
-    """ViT with class token, learned position embeddings and class-token or mean pooling.
+    """ViT with class token (+ optional register tokens), learned position embeddings and class-token or
+    mean pooling. ``num_prefix_tokens`` (class + registers) tokens precede the patch tokens.
 
     ``forward(x, return_attention=True)`` also returns every layer's attention weights
     ``[(B, heads, N, N)] * depth``, computed on the explicit path for that call only.
@@ -28,15 +32,19 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config  # the hybrid replaces this with its own config after building
         self.vit_config = c = config
-        self.num_prefix_tokens = 1  # the class token
+        self.num_prefix_tokens = 1 + c.reg_tokens  # the class token, then the registers
         self.patch_embed = patch_embed or PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
         gh, gw = self.patch_embed.grid_for(c.img_size, c.img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))  # (1, 1, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, gh * gw + 1, c.embed_dim))  # (1, 1+N, D)
+        # registers exist only when asked for, so plain ViTs keep their state dict and checkpoints
+        self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, c.embed_dim)) if c.reg_tokens else None  # (1, R, D)
+        # one entry per prefix token too: explanations and inits read pos_embed[:, num_prefix_tokens:] as the grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + gh * gw, c.embed_dim))  # (1, P+N, D)
         self.pos_drop = nn.Dropout(c.dropout)
         rates = torch.linspace(0, c.drop_path, c.depth).tolist()  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.dropout, c.attn_dropout, r, c.norm_eps)
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.dropout, c.attn_dropout, r, c.norm_eps,
+                  c.init_values)
             for r in rates
         )
         # timm's convention: class-token pooling normalises all tokens; mean pooling normalises the mean.
@@ -71,23 +79,25 @@ class VisionTransformer(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self.patch_embed(x)  # (B, N, D)
-        pos = resample_pos_embed(self.pos_embed, self.grid_size, grid, self.num_prefix_tokens)  # (1, 1+N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        pos = resample_pos_embed(self.pos_embed, self.grid_size, grid, self.num_prefix_tokens)  # (1, P+N, D)
+        prefix = [self.cls_token] if self.reg_token is None else [self.cls_token, self.reg_token]
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)  # (B, P+N, D)
         return self.pos_drop(x + pos)
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False):
-        """Tokens after the encoder and final norm, (B, 1+N, D); with attention weights when asked."""
+        """Tokens after the encoder and final norm, (B, P+N, D) with P = num_prefix_tokens; with attention
+        weights when asked."""
         x = self._embed(x)
         attentions = []
         for block in self.blocks:
             x, weights = block(x, need_weights=return_attention)
             if return_attention:
-                attentions.append(weights)  # (B, heads, 1+N, 1+N)
+                attentions.append(weights)  # (B, heads, P+N, P+N)
         x = self.norm(x)
         return (x, attentions) if return_attention else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens (class token or patch mean) and classify."""
+        """Pool the tokens (class token, or the mean of the patch tokens after the prefix) and classify."""
         if self.vit_config.pooling == "mean":
             x = x[:, self.num_prefix_tokens:].mean(dim=1)  # (B, D)
         else:
@@ -106,6 +116,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # as timm; plain ViTs draw nothing more, so seeds repeat
         for name, module in self.named_modules():
             if name.startswith("patch_embed.backbone"):
                 continue  # CNN backbones initialise themselves

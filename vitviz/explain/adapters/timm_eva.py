@@ -55,9 +55,10 @@ def patch_grid(patch_embed: nn.Module, height: int, width: int, dynamic: bool | 
         size = tuple(int(v) for v in patch_embed.img_size)
         if (height, width) != size:
             other = " (or dynamic_img_size=True)" if dynamic is False else ""
+            wanted = str(height) if height == width else f"({height}, {width})"
             raise ExplainError(
                 f"this timm model takes {size[0]}x{size[1]} px images, got {height}x{width}; resize the image, or "
-                f"create the model with img_size={height}{other}."
+                f"create the model with img_size={wanted}{other}."
             )
         grid = tuple(int(g) for g in patch_embed.grid_size)
     if grid[0] < 1 or grid[1] < 1:
@@ -105,7 +106,7 @@ class TimmEva(Adapter):
         pool = m.global_pool
         if pool == "token" or (not pool and m.cls_token is not None):
             return "token"
-        return "token"
+        return pool if pool in ("max", "avgmax") else "mean"
 
     def readout(self, tokens: Tokens, recording: Recording | None = None) -> torch.Tensor:
         how = self.readout_kind()

@@ -12,6 +12,9 @@ recorded call each attention module gets an explicit ``forward`` (an instance at
 afterwards) that performs the module's own computation step by step and records the softmax
 weights, in the graph: (B, heads, Nq, Nk) with Nq = Nk = h*w in a block and Nq < Nk in a
 downsampling attention (queries on the subsampled grid, keys on the previous stage's grid).
+The explicit forward gathers the relative-position biases afresh (as timm does in training) rather
+than from timm's eval-mode cache: the values are the same, gradients reach the biases, and a cache
+made by an earlier pass with gradients (whose graph is freed after its backward) is not reused.
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ def _attention_forward(m: nn.Module, keep: Callable[[torch.Tensor], torch.Tensor
     kd, vd, heads = m.key_dim, m.val_dim, m.num_heads
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = m.get_attention_biases(x.device)  # (heads, N, N)
+        bias = m.attention_biases[:, m.attention_bias_idxs]  # (heads, N, N)
         if m.use_conv:
             b, _, h, w = x.shape
             q, k, v = m.qkv(x).view(b, heads, -1, h * w).split([kd, kd, vd], dim=2)  # (B, heads, d, N) each
-            attn = keep(((q.transpose(-2, -1) @ k) * m.scale + bias).softmax(dim=-1))  # (B, heads, N, N)
+            attn = keep(((q.transpose(-2, -1) @ k) + bias).softmax(dim=-1))  # (B, heads, N, N)
             return m.proj((v @ attn.transpose(-2, -1)).view(b, -1, h, w))  # (B, C, H, W)
         b, n, _ = x.shape
         q, k, v = m.qkv(x).view(b, n, heads, -1).split([kd, kd, vd], dim=3)  # (B, N, heads, d) each
@@ -66,7 +69,7 @@ def _downsample_forward(m: nn.Module, keep: Callable[[torch.Tensor], torch.Tenso
     kd, vd, heads = m.key_dim, m.val_dim, m.num_heads
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        bias = m.get_attention_biases(x.device)  # (heads, Nq, Nk)
+        bias = m.attention_biases[:, m.attention_bias_idxs]  # (heads, Nq, Nk)
         if m.use_conv:
             b, _, h, w = x.shape
             hq, wq = (h - 1) // m.stride + 1, (w - 1) // m.stride + 1

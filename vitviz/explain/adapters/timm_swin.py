@@ -15,7 +15,8 @@ A record's weights are windowed, (B * windows, heads, ws*ws, ws*ws); its ``densi
 their gradients) on the stage's whole grid, (B, heads, H*W, H*W) in row-major image order, undoing
 the cyclic shift: entries outside a token's window are 0. When H or W is not a multiple of the
 window, timm pads the grid with zero tokens; the weights the model gave those padding keys are not
-on the grid, so rows of the windows at the bottom / right border sum to less than 1.
+on the grid, so rows of the windows at the bottom / right border can sum to less than 1 (in shifted
+blocks timm's mask puts the padding in a region of its own, where it gets ~0).
 
 The helpers for windowed attention (:func:`window_index`, :func:`window_densify`) and the refusal
 of rollout across stages (:func:`stage_refusal`) are shared with the other hierarchical adapters.

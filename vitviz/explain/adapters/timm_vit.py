@@ -86,6 +86,18 @@ class TimmViT(Adapter):
     def family(self) -> str:  # type: ignore[override]
         return "hybrid" if hasattr(self.model.patch_embed, "backbone") else "vit"
 
+    @property
+    def has_head(self) -> bool:
+        """False for ``num_classes=0`` and for a CLIP image tower, whose outputs are its image embedding
+        (the projection into the text space, 512 numbers for ViT-B/16) rather than class scores."""
+        n = int(getattr(self.model, "num_classes", 0) or 0)
+        if n == 0:
+            return False
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        arch, tag = str(cfg.get("architecture", "")), str(cfg.get("tag", ""))
+        # the tower's own projection (not a classifier the user asked for, nor a fine-tuned one)
+        return not ("clip" in arch and "ft" not in tag and n == int(cfg.get("num_classes") or -1))
+
     # --- tokens and readout -------------------------------------------------------------------------
     def final_tokens(self, height: int, width: int) -> Tokens:
         m, pe = self.model, self.model.patch_embed
