@@ -38,7 +38,7 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if p.ndim == 1 and name.endswith("weight") and not p.any():
                 p.fill_(1.0)  # a zero-initialised norm gain (LeViT's residual branches) takes part
-            p.add_(torch.randn(p.shape, generator=gen) * (0.1 if p.ndim == 1 else 0.05))
+            p.add_(torch.randn(p.shape, generator=gen) * (0.1 if p.ndim == 1 else 0.1))
     return model.eval()
 
 

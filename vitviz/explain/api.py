@@ -226,15 +226,12 @@ def _select(layers: Sequence[Layer], index: int, name: str) -> Layer:
 
 
 def _precheck_indices(adapter: Adapter, p: dict[str, Any]) -> None:
-    """Refuse out-of-range layer/head indices before the model runs (the captured layers re-check)."""
-    depth = adapter.depth()
-    if depth is None:
-        return
+    """Refuse bad layer/head values before the model runs; ranges are checked on the captured layers,
+    which count token-attention layers (an adapter's depth may count blocks without any)."""
     for name in ("layer", "start_layer"):
         value = p.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not -depth <= value < depth):
-            raise ExplainError(f"{name} {value!r} is out of range for a model with {depth} layers "
-                               f"(use 0..{depth - 1}, or -{depth}..-1 from the end).")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ExplainError(f"{name} must be a layer index (negative counts from the end), got {value!r}.")
     head = p.get("head")
     heads = adapter.heads()
     if isinstance(head, int) and not isinstance(head, bool) and heads is not None and not -heads <= head < heads:

@@ -479,9 +479,9 @@ def _resnet_block_problems(block: nn.Module, planes: int, stride: int) -> list[s
     out = []
     if getattr(block, "se", None) is not None:
         out.append("squeeze-excitation or attention in blocks")
-    if not isinstance(getattr(block, "aa", None) or nn.Identity(), nn.Identity):
+    if not isinstance(getattr(block, "aa", nn.Identity()), nn.Identity):
         out.append("anti-aliased downsampling (blur pool)")
-    if not isinstance(getattr(block, "drop_block", None) or nn.Identity(), nn.Identity):
+    if not isinstance(getattr(block, "drop_block", nn.Identity()), nn.Identity):
         out.append("DropBlock")
     bottleneck = _block_kind(block) == "Bottleneck"
     convs = [(block.conv1, 1, 1, 0), (block.conv2, 3, stride, 1), (block.conv3, 1, 1, 0)] if bottleneck else \
@@ -497,19 +497,25 @@ def _resnet_block_problems(block: nn.Module, planes: int, stride: int) -> list[s
         out += _bn_act_problems(bn, act)
     ds = getattr(block, "downsample", None)
     if ds is not None and not (isinstance(ds, nn.Sequential) and len(ds) == 2 and _is_conv(ds[0], 1, stride, 0)
-                               and not _bn_act_problems(ds[1], nn.ReLU())):
+                               and _is_plain_bn(ds[1])):
         out.append("average-pool or wide-kernel shortcuts (resnet*d)")
     return out
 
 
 def _bn_act_problems(bn: Any, act: Any) -> list[str]:
     out = []
-    if not (type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.eps == 1e-5):
-        out.append(f"{type(bn).__name__} normalisation" if type(bn) is not nn.BatchNorm2d else "BatchNorm with eps "
-                   "other than 1e-5 or without affine/running statistics")
+    if type(bn) is not nn.BatchNorm2d:
+        out.append(f"{type(bn).__name__} normalisation")
+    elif not _is_plain_bn(bn):
+        out.append("BatchNorm with eps other than 1e-5 or without affine/running statistics")
     if type(act) is not nn.ReLU:
         out.append(f"the {type(act).__name__} activation (vitviz's ResNet uses ReLU)")
     return out
+
+
+def _is_plain_bn(bn: Any) -> bool:
+    """A BatchNorm2d as ours are (eps matters to eval-mode logits)."""
+    return type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats and bn.eps == 1e-5
 
 
 def _block_kind(block: nn.Module) -> str | None:

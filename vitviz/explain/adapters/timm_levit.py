@@ -51,7 +51,7 @@ def _attention_forward(m: nn.Module, keep: Callable[[torch.Tensor], torch.Tensor
         if m.use_conv:
             b, _, h, w = x.shape
             q, k, v = m.qkv(x).view(b, heads, -1, h * w).split([kd, kd, vd], dim=2)  # (B, heads, d, N) each
-            attn = keep(((q.transpose(-2, -1) @ k) + bias).softmax(dim=-1))  # (B, heads, N, N)
+            attn = keep(((q.transpose(-2, -1) @ k) * m.scale + bias).softmax(dim=-1))  # (B, heads, N, N)
             return m.proj((v @ attn.transpose(-2, -1)).view(b, -1, h, w))  # (B, C, H, W)
         b, n, _ = x.shape
         q, k, v = m.qkv(x).view(b, n, heads, -1).split([kd, kd, vd], dim=3)  # (B, N, heads, d) each
@@ -75,7 +75,7 @@ def _downsample_forward(m: nn.Module, keep: Callable[[torch.Tensor], torch.Tenso
             hq, wq = (h - 1) // m.stride + 1, (w - 1) // m.stride + 1
             k, v = m.kv(x).view(b, heads, -1, h * w).split([kd, vd], dim=2)  # (B, heads, d, Nk) each
             q = m.q(x).view(b, heads, kd, -1)  # (B, heads, kd, Nq)
-            attn = keep(((q.transpose(-2, -1) @ k) * m.scale + bias).softmax(dim=-1))  # (B, heads, Nq, Nk)
+            attn = keep(((q.transpose(-2, -1) @ k) + bias).softmax(dim=-1))  # (B, heads, Nq, Nk)
             return m.proj((v @ attn.transpose(-2, -1)).reshape(b, m.val_attn_dim, hq, wq))  # (B, C', Hq, Wq)
         b, n, _ = x.shape
         k, v = m.kv(x).view(b, n, heads, -1).split([kd, vd], dim=3)  # (B, Nk, heads, d) each
