@@ -11,6 +11,7 @@ colour map) never reach these functions with new keys, so they recompute nothing
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -134,13 +135,15 @@ def load_timm(name: str, pretrained: bool, pretrained_file: str | None, device: 
         raise
 
 
-@st.cache_resource(show_spinner="Building the timm model…", max_entries=4)
+@st.cache_resource(show_spinner="Building the timm model (weights download on first use when online)…",
+                   max_entries=4)
 def _load_timm(name: str, pretrained: bool, pretrained_file: str | None, device: str) -> Loaded:
     from vitviz.explain import adapter_for, has_attention
     from vitviz.models.timm_interop import create_timm_model, timm_preprocessing
 
     model = create_timm_model(name, pretrained=pretrained and not pretrained_file,
-                              pretrained_file=pretrained_file or None)
+                              pretrained_file=pretrained_file or None,
+                              progress=logging.getLogger("vitviz.dashboard").info)
     adapter = adapter_for(model)  # our converted class, or the timm model itself when it does not convert
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     info = ds.timm_info(name, adapter.family, pretrained, timm_preprocessing(name), num_classes, pretrained_file)

@@ -139,9 +139,22 @@ def _checkpoint_picker(source: str, device: str) -> state.Loaded | None:
     return state.load_checkpoint(choice.path, choice.key, device)
 
 
+def _pick_curated() -> None:
+    picked = st.session_state.get("timm_pick")
+    if picked:
+        st.session_state["timm_name"] = picked
+
+
 def _timm_picker(device: str) -> state.Loaded | None:
+    from vitviz.models.pretrained import CURATED
+
+    st.selectbox("Well-known pretrained models", list(CURATED), index=None, key="timm_pick", on_change=_pick_curated,
+                 placeholder="pick one, or type any name below", format_func=lambda n: n.split(".")[0],
+                 help="\n\n".join(f"**{n}**: {what}" for n, what in CURATED.items()))
     name = st.text_input("timm model name", value=DEFAULT_TIMM, key="timm_name", persist_state="session",
-                         help="e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_r50_s16_224, resnet50")
+                         help="Any timm model, with its pretrained tag or without (timm's default tag), e.g. "
+                              "vit_base_patch16_224.augreg2_in21k_ft_in1k, swin_tiny_patch4_window7_224, "
+                              "convnext_tiny, vit_small_patch14_reg4_dinov2.")
     pretrained = st.toggle("Pretrained weights", value=True, key="timm_pretrained", persist_state="session",
                            help="Off: random weights, to explore the architecture without downloading anything.")
     weights = st.text_input("Weights file (optional)", key="timm_weights", placeholder="model.safetensors",
@@ -185,7 +198,15 @@ def need_model(loaded: state.Loaded | None) -> state.Loaded:
 def show_problem(err: BaseException) -> None:
     """An exception as the user should see it: what went wrong and what to do."""
     if isinstance(err, WeightsUnavailableError):
-        st.error(f"**Pretrained weights are not available.** {err}")
+        name = getattr(err, "model_name", None)
+        advice = str(err)
+        if name:
+            from vitviz.models.pretrained import weights_advice
+
+            with contextlib.suppress(VitvizError):  # an odd name: keep the error's own advice
+                advice = weights_advice(name, "dashboard")
+        st.warning(f"**Pretrained weights for {name or 'this model'} are not on this machine, and the Hugging Face "
+                   f"Hub cannot be reached.** {advice}", icon=":material/cloud_off:")
         st.info("Or switch *Pretrained weights* off in the sidebar to explore the architecture with random weights.")
     elif isinstance(err, VitvizError):
         st.error(str(err))

@@ -314,12 +314,36 @@ def test_missing_folder_says_so(app):
 def test_timm_offline_says_how_to_supply_weights(app):
     app.button_group(key="model_source").set_value("timm").run()
     assert_clean(app)
-    errs = errors(app)
-    assert errs and "pretrained_file" in errs[0], errs  # offline (HF_HUB_OFFLINE=1), nothing cached
+    assert not errors(app)  # offline (HF_HUB_OFFLINE=1), nothing cached: advice, not an error
+    warnings = [w.value for w in app.warning]
+    assert warnings and "Weights file" in warnings[0] and "pretrained_file" not in warnings[0], warnings
+    assert "https://huggingface.co/timm/vit_tiny_patch16_224." in warnings[0]  # the real hub id, with its tag
     assert any("random weights" in i.value for i in app.info)
+    app.selectbox(key="timm_pick").set_value("swin_tiny_patch4_window7_224.ms_in1k").run()
+    assert_clean(app)
+    assert app.text_input(key="timm_name").value == "swin_tiny_patch4_window7_224.ms_in1k"
+    assert "timm/swin_tiny_patch4_window7_224.ms_in1k" in app.warning[0].value
     app.text_input(key="timm_name").input("not_a_model_name").run()
     assert_clean(app)
     assert any("unknown timm model" in e for e in errors(app))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "vit_small_patch14_dinov2"])
+def test_timm_models_that_do_not_convert_open_as_they_are(app, name):
+    app.button_group(key="model_source").set_value("timm").run()
+    app.toggle(key="timm_pretrained").set_value(False).run()
+    app.text_input(key="timm_name").input(name).run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    methods = next(b for b in app.selectbox if str(b.key).startswith("method_"))
+    if "dinov2" in name:  # headless: features, no prediction, no class-specific method
+        assert "No classifier head" in texts(app)
+        assert "Grad-CAM (Selvaraju et al. 2017)" not in methods.options
+    else:
+        assert "Hierarchical transformer" in texts(app)
+        assert "Raw attention" in methods.options and "Grad-CAM (Selvaraju et al. 2017)" in methods.options
+    assert "What the features group together" in [s.value for s in app.subheader]
 
 
 @pytest.mark.slow

@@ -228,6 +228,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        from vitviz.models.pretrained import CURATED, hub_id
+
+        for name, what in CURATED.items():
+            print(f"timm:{name}\n    {what}\n    weights: https://huggingface.co/{hub_id(name)}")
+        return 0
     from vitviz.models.registry import describe_model, list_models
 
     for name in list_models(args.family):
@@ -302,8 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_explain_parser(sub)  # `vitviz explain IMAGE ...`: its handler is set by the explain module
 
-    p = sub.add_parser("models", help="list the model presets")
+    p = sub.add_parser("models", help="list the model presets (or, with --pretrained, some real pretrained names)")
     p.add_argument("--family", choices=("vit", "hybrid", "resnet"))
+    p.add_argument("--pretrained", action="store_true",
+                   help="list a curated set of pretrained timm models with their Hub pages instead")
     p.set_defaults(func=_cmd_models)
     p = sub.add_parser("datasets", help="list the datasets")
     p.set_defaults(func=_cmd_datasets)

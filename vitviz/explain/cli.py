@@ -1,6 +1,6 @@
 """``vitviz explain``: a saliency overlay PNG and the raw map (.npy) for one image, plus top-5 predictions.
 
-    vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME [--pretrained-file F]) --method M
+    vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME [--pretrained-file F | --random-weights]) --method M
         [--layer L --head H --fusion F --discard-ratio R --start-layer S --target C --query ROW,COL]
         --out map.png
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vitviz.errors import ExplainError, VitvizError
+from vitviz.errors import ExplainError, VitvizError, WeightsUnavailableError
 
 __all__ = ["add_parser", "build_parser", "main", "run"]
 
@@ -47,8 +47,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a vitviz checkpoint (.safetensors)")
     src.add_argument("--model", metavar="timm:NAME",
-                     help="a timm model (pretrained weights from --pretrained-file, the local cache or the Hub)")
+                     help="any timm model, e.g. timm:vit_base_patch16_224.augreg2_in21k_ft_in1k (pretrained "
+                          "weights from --pretrained-file, the local cache or the Hub; `vitviz models --pretrained` "
+                          "lists some)")
     p.add_argument("--pretrained-file", metavar="F", help="safetensors weights for --model timm:NAME")
+    p.add_argument("--random-weights", action="store_true",
+                   help="--model timm:NAME with random weights: explore the architecture, download nothing")
     p.add_argument("--method", default="rollout", choices=_METHODS, help="explanation method (default: rollout)")
     p.add_argument("--layer", type=int, help="attention: layer (default -1); gradcam: ViT block whose tokens to use")
     p.add_argument("--head", help="attention: head index, or mean/max/min (default: mean)")
@@ -107,12 +111,16 @@ def _run(args: argparse.Namespace) -> int:
     x = preprocess(fitted, size, mean=mean, std=std).to(device)  # (1, 3, S, S)
     result = explain_details(model, x, args.method, **params)
     saliency = result.maps[0].cpu().numpy().astype(np.float32)  # (S, S) in [0, 1]
-    probs = torch.softmax(result.logits[0].float(), dim=-1).cpu()
     scale = args.scale or max(1, round(224 / size))
     save_overlay_png(out, fitted, saliency, opacity=args.opacity, colormap=args.colormap, scale=scale)
     npy = out.with_suffix(".npy")
     np.save(npy, saliency)
-    _print_top5(probs, names, result.target)
+    from vitviz.explain import adapter_for
+
+    if adapter_for(model).has_head:
+        _print_top5(torch.softmax(result.logits[0].float(), dim=-1).cpu(), names, result.target)
+    else:
+        print("this model has no classifier head (it returns features): no prediction to show")
     print(f"wrote {out} (overlay, {args.method}) and {npy} (map {saliency.shape[0]}x{saliency.shape[1]}, "
           "float32 in [0, 1])")
     return 0
@@ -181,8 +189,9 @@ def _class_index(value: str, names: list[str] | None) -> int:
 def _load_model(args: argparse.Namespace):
     """(model in eval mode, input size, mean, std, class names or None)."""
     if args.checkpoint:
-        if args.pretrained_file:
-            raise ExplainError("--pretrained-file goes with --model timm:NAME, not with --checkpoint.")
+        if args.pretrained_file or args.random_weights:
+            flag = "--pretrained-file" if args.pretrained_file else "--random-weights"
+            raise ExplainError(f"{flag} goes with --model timm:NAME, not with --checkpoint.")
         from vitviz.checkpoint import load_checkpoint
 
         model, meta = load_checkpoint(args.checkpoint, args.device)
@@ -197,7 +206,19 @@ def _load_model(args: argparse.Namespace):
             "or a trained vitviz model with --checkpoint PATH."
         )
     bare = name.removeprefix("timm:")
-    model = vitviz.create_model(name, pretrained=args.pretrained_file is None, pretrained_file=args.pretrained_file)
+    if args.random_weights and args.pretrained_file:
+        raise ExplainError("--random-weights and --pretrained-file contradict each other; give one.")
+    try:
+        model = vitviz.create_model(name, pretrained=not args.random_weights and args.pretrained_file is None,
+                                    pretrained_file=args.pretrained_file,
+                                    progress=lambda msg: print(msg, file=sys.stderr))
+    except WeightsUnavailableError as err:
+        from vitviz.models.pretrained import weights_advice
+
+        raise WeightsUnavailableError(
+            f"pretrained weights for {bare} are not here and cannot be downloaded now. "
+            f"{weights_advice(bare, 'cli')} Or pass --random-weights to explore the architecture.",
+            model_name=bare, hub_id=getattr(err, "hub_id", None)) from err
     pre = timm_preprocessing(bare)
     device = args.device
     if device == "auto":
