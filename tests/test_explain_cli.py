@@ -102,3 +102,38 @@ def test_vitviz_explain_through_the_main_cli(files, capsys):
                         "--method", "rollout", "--discard-ratio", "1.5", "--out", str(out)])
     assert code == 2
     assert "discard_ratio" in capsys.readouterr().err
+
+
+def test_timm_models_open_as_they_are_with_random_weights(files, capsys):
+    out = files / "swin.png"
+    code = main([str(files / "scene.png"), "--model", "timm:swin_tiny_patch4_window7_224", "--random-weights",
+                 "--method", "attention", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "top-5" in capsys.readouterr().out
+    assert np.load(out.with_suffix(".npy")).shape == (224, 224)
+    # rollout across Swin's stages is refused with the reason, in one line, status 2
+    code = main([str(files / "scene.png"), "--model", "timm:swin_tiny_patch4_window7_224", "--random-weights",
+                 "--method", "rollout", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "grid" in err
+
+
+def test_headless_models_print_no_prediction(files, capsys):
+    code = main([str(files / "scene.png"), "--model", "timm:vit_small_patch14_dinov2", "--random-weights",
+                 "--method", "similarity", "--query", "3,4", "--out", str(files / "dino.png")])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "no classifier head" in text and "top-5" not in text
+
+
+def test_offline_weights_advice_speaks_of_the_flag(files, capsys, monkeypatch):
+    import vitviz.models.pretrained as pretrained
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(files / "empty-cache"))
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=2.0: False)
+    code = main([str(files / "scene.png"), "--model", "timm:deit3_small_patch16_224", "--method", "rollout",
+                 "--out", str(files / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--pretrained-file PATH" in err and "--random-weights" in err and "pretrained_file=" not in err
+X
