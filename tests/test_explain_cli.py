@@ -136,4 +136,7 @@ def test_offline_weights_advice_speaks_of_the_flag(files, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "--pretrained-file PATH" in err and "--random-weights" in err and "pretrained_file=" not in err
-X
+    import timm
+
+    default_tag = timm.get_pretrained_cfg("deit3_small_patch16_224").tag  # a bare name means timm's default
+    assert f"https://huggingface.co/timm/deit3_small_patch16_224.{default_tag}" in err
