@@ -75,7 +75,7 @@ def _downsample_forward(m: nn.Module, keep: Callable[[torch.Tensor], torch.Tenso
             hq, wq = (h - 1) // m.stride + 1, (w - 1) // m.stride + 1
             k, v = m.kv(x).view(b, heads, -1, h * w).split([kd, vd], dim=2)  # (B, heads, d, Nk) each
             q = m.q(x).view(b, heads, kd, -1)  # (B, heads, kd, Nq)
-            attn = keep(((q.transpose(-2, -1) @ k) + bias).softmax(dim=-1))  # (B, heads, Nq, Nk)
+            attn = keep(((q.transpose(-2, -1) @ k) * m.scale + bias).softmax(dim=-1))  # (B, heads, Nq, Nk)
             return m.proj((v @ attn.transpose(-2, -1)).reshape(b, m.val_attn_dim, hq, wq))  # (B, C', Hq, Wq)
         b, n, _ = x.shape
         k, v = m.kv(x).view(b, n, heads, -1).split([kd, vd], dim=3)  # (B, Nk, heads, d) each
@@ -162,9 +162,12 @@ class TimmLevit(Adapter):
         try:
             for i, layer in enumerate(self._layers()):
                 module = layer.module
-                if type(module) not in (Attention, AttentionDownsample) or "forward" in module.__dict__:
+                if type(module) not in (Attention, AttentionDownsample):
                     raise ExplainError(f"{layer.name} is a {type(module).__name__}, whose attention vitviz cannot "
                                        "record; use method='gradcam'.")
+                if "forward" in module.__dict__:
+                    raise ExplainError(f"{layer.name} already has a forward of its own (is it being recorded "
+                                       "already?); vitviz records one forward pass at a time.")
 
                 def keep(weights: torch.Tensor, layer: _Layer = layer, index: int = i) -> torch.Tensor:
                     if weights.shape[-2:] != (layer.queries.n, layer.keys.n):
