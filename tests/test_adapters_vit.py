@@ -163,3 +163,20 @@ def test_res_post_norm_blocks_take_grad_cam_from_the_block_input(x):
     tokens = kept[0].detach()[:, 1:]  # (B, 16, D)
     cam = (g[:, 1:].mean(1, keepdim=True) * tokens).sum(-1).clamp(min=0).reshape(2, 4, 4)
     torch.testing.assert_close(explain_details(model, x, "gradcam", target=0, upsample=False).grid_maps, cam)
+
+
+def test_rollout_within_the_last_stage_of_a_hierarchical_model():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, depths=(1, 1, 2, 2),
+                              window_size=2, embed_dim=24, num_heads=(1, 1, 2, 2), num_classes=5).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ExplainError, match="patch merging"):
+        explain(model, x, "rollout")
+    with pytest.raises(ExplainError, match="start_layer=4"):  # layer 2 sits on the 4x4 grid of stage 3
+        explain(model, x, "rollout", start_layer=2)
+    cap = capture_attention(model, x)
+    last = cap.attentions[4:]  # stage 4: two blocks on the final 2x2 grid
+    assert all(a.shape[-1] == 4 for a in last)
+    expected = naive_rollout_row(last, torch.full((1, 4), 0.25))
+    got = explain_details(model, x, "rollout", start_layer=4, upsample=False).grid_maps
+    torch.testing.assert_close(got.double(), expected.reshape(1, 2, 2), atol=1e-6, rtol=1e-5)

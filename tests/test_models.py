@@ -86,11 +86,13 @@ def test_timm_parity_both_ways(name: str, kwargs: dict, size: int) -> None:
 
 
 def test_from_timm_refuses_what_we_do_not_implement() -> None:
-    with pytest.raises(ConfigError, match="register tokens"):
-        from_timm(timm.create_model("vit_tiny_patch16_224", reg_tokens=4, img_size=32, patch_size=8))
-    with pytest.raises(ConfigError, match="layer scale"):
-        from_timm(timm.create_model("vit_tiny_patch16_224", init_values=1e-5, img_size=32, patch_size=8))
-    with pytest.raises(ConfigError, match="converts timm VisionTransformer"):
+    # register tokens and layer scale convert now (tests/test_timm_models.py); these still do not
+    with pytest.raises(ConfigError, match="no class token"):
+        from_timm(timm.create_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", img_size=32,
+                                    patch_size=8))
+    with pytest.raises(ConfigError, match="qk-norm"):
+        from_timm(timm.create_model("vit_tiny_patch16_224", qk_norm=True, img_size=32, patch_size=8))
+    with pytest.raises(ConfigError, match="converts timm's VisionTransformer"):
         from_timm(timm.create_model("mobilenetv3_small_050"))
 
 

@@ -2,7 +2,8 @@
 
 ``tests/test_coverage.py`` asserts on it and ``docs/make_coverage.py`` writes ``docs/coverage.md`` from
 it, so the table and the tests can never disagree. Each model is built by timm with random weights
-at a small size: coverage is a property of the architecture, not of the weights.
+at a small size (zero-initialised norm gains set to one): coverage is a property of the architecture,
+not of the weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class CoverageModel:
     name: str  # timm model name
     kwargs: dict[str, Any] = field(default_factory=dict)  # small-size overrides for timm.create_model
     size: int = 32  # input side in pixels
+    perturb: float = 0.0  # std of noise added to every weight after timm's init, for inits that are degenerate
 
     @property
     def key(self) -> str:
@@ -67,12 +69,13 @@ COVERAGE_MODELS: tuple[CoverageModel, ...] = (
     CoverageModel("Swin-V2", "swinv2_tiny_window8_256", _SWIN, size=64),
     CoverageModel("PiT", "pit_ti_224", {"img_size": 64}, size=64),
     CoverageModel("PiT (distilled)", "pit_ti_distilled_224", {"img_size": 64}, size=64),
-    CoverageModel("LeViT", "levit_128s", {"img_size": 128}, size=128),
+    # timm's LeViT init makes every token equal after the first stage of a random model: perturbed
+    CoverageModel("LeViT", "levit_128s", {"img_size": 128}, size=128, perturb=0.1),
     CoverageModel("PVT-v2", "pvt_v2_b0", {}, size=64),
     CoverageModel("PVT-v2 (linear)", "pvt_v2_b2_li", {"depths": (1, 1, 1, 1)}, size=64),
     CoverageModel("Twins-SVT", "twins_svt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, size=64),
     CoverageModel("Twins-PCPVT", "twins_pcpvt_small", {"img_size": 64, "depths": (1, 1, 1, 1)}, size=64),
-    CoverageModel("CrossViT", "crossvit_tiny_240", {"img_size": 48}, size=48),
+    CoverageModel("CrossViT", "crossvit_tiny_240", {"img_size": 120}, size=120),
     CoverageModel("ConvNeXt", "convnext_atto", {}, size=64),
     CoverageModel("EfficientNet", "efficientnet_b0", {}, size=64),
     CoverageModel("RegNet", "regnetx_002", {}, size=64),
@@ -101,7 +104,18 @@ def build(entry: CoverageModel, seed: int = 0, num_classes: int = 5) -> nn.Modul
 
     torch.manual_seed(seed)
     kwargs = {"num_classes": num_classes, **entry.kwargs}
-    return timm.create_model(entry.name, pretrained=False, **kwargs).eval()
+    model = timm.create_model(entry.name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        # Some families zero-initialise residual-branch norm gains (LeViT), which makes every token of a
+        # random model equal after the first stage and every map constant: give them unit gain.
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and name.endswith("weight") and not bool(p.any()):
+                p.fill_(1.0)
+        if entry.perturb:
+            gen = torch.Generator().manual_seed(seed)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * entry.perturb)
+    return model
 
 
 def input_for(entry: CoverageModel, batch: int = 1, seed: int = 1) -> torch.Tensor:

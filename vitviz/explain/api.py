@@ -125,6 +125,8 @@ def explain_details(model: nn.Module, x: torch.Tensor, method: str = "rollout", 
         )
     adapter = adapter_for(model)
     why = refusal(adapter, method)
+    if why is not None and method in _ACROSS_LAYERS and adapter.stagewise_rollout and params.get("start_layer"):
+        why = None  # the chosen layers may share the final tokens: checked on the captured layers
     if why is not None:
         others = methods_for(adapter)
         raise ExplainError(f"{why} Methods for this model: {', '.join(others) or 'none'}.")

@@ -128,6 +128,8 @@ def layer_query_rows(layer: Layer, final: Tokens, readout: torch.Tensor, query: 
         total = w.sum(dim=1, keepdim=True)  # (B, 1)
         if bool((total > 0).all()):
             return torch.einsum("bq,bhqk->bhk", (w / total).to(a.dtype), a)  # (B, heads, Nk)
+    if queries.num_grid == 0:  # the layer's only queries are prefix tokens (a lone class token)
+        return a.mean(dim=2)  # (B, heads, Nk)
     return a[:, :, queries.prefix:].mean(dim=2)  # (B, heads, Nk)
 
 

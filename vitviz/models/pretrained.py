@@ -20,8 +20,8 @@ from torch import nn
 
 from vitviz.errors import ConfigError, WeightsUnavailableError
 
-__all__ = ["CURATED", "WHERE", "hub_cache_dir", "hub_id", "hub_reachable", "load_pretrained", "load_weights_file",
-           "weights_advice"]
+__all__ = ["CURATED", "WEIGHTS_FILE", "WHERE", "cached_weights", "hub_cache_dir", "hub_id", "hub_reachable",
+           "load_pretrained", "load_weights_file", "pretrained_cfg", "weights_advice"]
 
 _HUB_HOST = "huggingface.co"
 _HUB_URL = f"https://{_HUB_HOST}"
@@ -30,13 +30,13 @@ WEIGHTS_FILE = "model.safetensors"  # the file every timm/ repository on the Hub
 # name (with its pretrained tag) -> one line on what it is; every tag exists in timm 1.0.31 (a test checks).
 CURATED: dict[str, str] = {
     "vit_base_patch16_224.augreg2_in21k_ft_in1k":
-        "ViT-B/16, ImageNet-21k pretrained, fine-tuned on ImageNet-1k (AugReg): the paper's model, 1000 classes",
+        "ViT-B/16 (the paper's architecture), ImageNet-21k pretrained with AugReg, fine-tuned on ImageNet-1k",
     "deit3_base_patch16_224.fb_in22k_ft_in1k":
         "DeiT-III ViT-B/16 with layer scale, ImageNet-22k pretrained, fine-tuned on ImageNet-1k, 1000 classes",
     "vit_small_patch14_reg4_dinov2.lvd142m":
         "DINOv2 ViT-S/14 with 4 register tokens, self-supervised on LVD-142M, 518 px: features, no classifier",
     "vit_base_patch16_clip_224.openai":
-        "OpenAI CLIP ViT-B/16 image tower: 512-d image embeddings, no classifier",
+        "OpenAI CLIP ViT-B/16 image tower: 512-d image embeddings (CLIP's projection as head), no classifier",
     "vit_base_patch16_siglip_224.webli":
         "SigLIP ViT-B/16 image tower trained on WebLI: image embeddings from attention pooling, no classifier",
     "swin_tiny_patch4_window7_224.ms_in1k":
@@ -205,11 +205,12 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_pretrained(model: nn.Module, name: str, *, pretrained_file: str | os.PathLike | None = None,
                     progress: Callable[[str], None] | None = None, **kwargs: Any) -> nn.Module:
-    """``model`` (timm's ``name`` built without weights, with ``kwargs``) carrying pretrained weights.
+    """timm's ``name`` (built with ``kwargs``) carrying pretrained weights.
 
-    From ``pretrained_file`` if given, else the local Hugging Face cache, else a download by timm when
-    the Hub can be reached (``progress`` hears a short message first); then the model may be a new
-    object. Otherwise WeightsUnavailableError, carrying ``model_name`` and ``hub_id``.
+    From ``pretrained_file`` if given (loaded into ``model``, timm's ``name`` built without weights), else
+    from the local Hugging Face cache, else downloaded when the Hub can be reached (``progress`` hears a
+    short message first); these two let timm build a new model with its own loader. Otherwise
+    WeightsUnavailableError, carrying ``model_name`` and ``hub_id``.
     """
     if pretrained_file is not None:
         load_weights_file(model, pretrained_file)
@@ -223,8 +224,7 @@ def load_pretrained(model: nn.Module, name: str, *, pretrained_file: str | os.Pa
         )
     cached = cached_weights(repo) if repo is not None else None
     if cached is not None:
-        load_weights_file(model, cached)
-        return model
+        return _from_cache(name, cached, repo, **kwargs)
     advice = weights_advice(name, "api")
     if not hub_reachable():
         raise WeightsUnavailableError(
@@ -233,6 +233,20 @@ def load_pretrained(model: nn.Module, name: str, *, pretrained_file: str | os.Pa
             model_name=name, hub_id=repo,
         )
     return _download(name, repo, progress, advice, **kwargs)
+
+
+def _from_cache(name: str, path: Path, repo: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    try:
+        # timm's own loader on the cached file (safetensors, no network): the same key filter and head or
+        # channel adaptation as after a download, so a second run builds what the first one did
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except Exception as err:  # a damaged or foreign file: timm's loader fails in its own ways
+        raise WeightsUnavailableError(
+            f"the cached weights {path} for {name!r} do not load ({str(err).splitlines()[0]}); delete that file "
+            f"so that they are downloaded again, or {WHERE['api']}.", model_name=name, hub_id=repo,
+        ) from err
 
 
 def _download(name: str, repo: str | None, progress: Callable[[str], None] | None, advice: str,

@@ -486,7 +486,7 @@ def _resnet_block_problems(block: nn.Module, planes: int, stride: int) -> list[s
     bottleneck = _block_kind(block) == "Bottleneck"
     convs = [(block.conv1, 1, 1, 0), (block.conv2, 3, stride, 1), (block.conv3, 1, 1, 0)] if bottleneck else \
         [(block.conv1, 3, stride, 1), (block.conv2, 3, 1, 1)]
-    if any(not _is_conv(c, k, s, p) for c, k, s, p in convs):
+    if not out and any(not _is_conv(c, k, s, p) for c, k, s, p in convs):  # anti-aliasing moves strides
         out.append("grouped, dilated or differently strided convolutions (ResNeXt, output_stride < 32)")
     outs = [planes, planes, planes * 4] if bottleneck else [planes, planes]
     if [getattr(c, "out_channels", None) for c, *_ in convs] != outs:
@@ -496,21 +496,27 @@ def _resnet_block_problems(block: nn.Module, planes: int, stride: int) -> list[s
     for bn, act in zip(bns, acts, strict=True):
         out += _bn_act_problems(bn, act)
     ds = getattr(block, "downsample", None)
-    if ds is not None and not (isinstance(ds, nn.Sequential) and len(ds) == 2 and _is_conv(ds[0], 1, stride, 0)
-                               and _is_plain_bn(ds[1])):
-        out.append("average-pool or wide-kernel shortcuts (resnet*d)")
+    if ds is not None:
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and _is_conv(ds[0], 1, stride, 0):
+            out += _norm_problems(ds[1])
+        else:
+            out.append("average-pool or wide-kernel shortcuts (resnet*d)")
     return out
 
 
 def _bn_act_problems(bn: Any, act: Any) -> list[str]:
-    out = []
-    if type(bn) is not nn.BatchNorm2d:
-        out.append(f"{type(bn).__name__} normalisation")
-    elif not _is_plain_bn(bn):
-        out.append("BatchNorm with eps other than 1e-5 or without affine/running statistics")
+    out = _norm_problems(bn)
     if type(act) is not nn.ReLU:
         out.append(f"the {type(act).__name__} activation (vitviz's ResNet uses ReLU)")
     return out
+
+
+def _norm_problems(bn: Any) -> list[str]:
+    if type(bn) is not nn.BatchNorm2d:
+        return [f"{type(bn).__name__} normalisation"]
+    if not _is_plain_bn(bn):
+        return ["BatchNorm with eps other than 1e-5 or without affine/running statistics"]
+    return []
 
 
 def _is_plain_bn(bn: Any) -> bool:

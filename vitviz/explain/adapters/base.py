@@ -113,9 +113,17 @@ class Adapter:
     name: str = "base"
     kind: str = "cnn"
     family: str = "cnn"
+    # Whether rollout / relevance may run over the layers that share the final token set (the last
+    # stage of a hierarchical model, chosen with start_layer) although the whole model refuses them.
+    stagewise_rollout: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    # Query sets with no grid (``Tokens(prefix=1, grid=(0, 0))``) are a lone class token as the only
+    # query (CaiT's and XCiT's class attention, CrossViT's cross-attention). Records with
+    # ``token_attention=False`` attend over something other than tokens (XCiT's channels); their
+    # ``queries``/``keys`` name the tokens the layer runs over, and capture leaves them out.
 
     # --- which models ------------------------------------------------------------------------------
     @classmethod

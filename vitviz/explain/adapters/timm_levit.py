@@ -94,6 +94,7 @@ class TimmLevit(Adapter):
 
     name = "timm-levit"
     kind = "transformer"
+    stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 
     @classmethod

@@ -44,6 +44,7 @@ class TimmPiT(Adapter):
 
     name = "timm-pit"
     kind = "transformer"
+    stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 
     @classmethod

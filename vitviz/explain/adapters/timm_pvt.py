@@ -61,6 +61,7 @@ class TimmPVTv2(Adapter):
 
     name = "timm-pvt-v2"
     kind = "transformer"
+    stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 
     @classmethod

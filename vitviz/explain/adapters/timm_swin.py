@@ -134,6 +134,7 @@ class TimmSwin(Adapter):
 
     name = "timm-swin"
     kind = "transformer"
+    stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 
     @classmethod

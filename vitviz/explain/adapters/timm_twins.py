@@ -62,6 +62,7 @@ class TimmTwins(Adapter):
 
     name = "timm-twins"
     kind = "transformer"
+    stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 
     @classmethod
