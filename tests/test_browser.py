@@ -1,7 +1,8 @@
 """The dashboard in a real browser: `streamlit run dashboard/app.py` + Debian's headless Chromium.
 
 Uploads an image, waits for the overlay, clicks a patch on the image, checks that a bad file is
-refused in the page, and saves a screenshot of each page into docs/screenshots/. Uses the shipped
+refused in the page, and takes a screenshot of each page into a temporary folder (the suite never
+writes into the checkout). Uses the shipped
 checkpoints when there are any (tiny untrained ones otherwise). Skipped only when /usr/bin/chromium
 is missing (`apt-get install chromium`; never `playwright install`).
 """
@@ -40,7 +41,6 @@ if not os.path.exists(CHROMIUM):
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-SHOTS = ROOT / "docs" / "screenshots"
 TIMEOUT_MS = 180_000  # first page loads import torch and load models on a slow, shared CPU
 
 
@@ -55,6 +55,11 @@ def _checkpoint_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo_ckpts")
     write_demo_checkpoints(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,7 @@ def open_page(page, url: str, ready: str) -> None:
     no_exceptions(page)
 
 
-def test_explore_upload_click_and_screenshot(server, page):
+def test_explore_upload_click_and_screenshot(server, page, shots):
     open_page(page, server.url, ".st-key-overlay")
     page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files(
         files=[{"name": "my_scene.png", "mimeType": "image/png", "buffer": shapes_png()}])
@@ -128,7 +133,7 @@ def test_explore_upload_click_and_screenshot(server, page):
     wait_done(page, TIMEOUT_MS)
     no_exceptions(page)
     page.mouse.move(0, 0)
-    screenshot_page(page, SHOTS / "explore.png")
+    screenshot_page(page, shots / "explore.png")
 
     # the downloads: overlay PNG and the map as NPY
     with page.expect_download() as dl:
@@ -161,15 +166,15 @@ def test_model_choice_follows_to_other_pages(server, page):
     no_exceptions(page)
 
 
-def test_embeddings_screenshot(server, page):
+def test_embeddings_screenshot(server, page, shots):
     open_page(page, f"{server.url}/embeddings", ".st-key-dist")
     assert page.locator("[data-testid=stPlotlyChart]").count() >= 3
-    screenshot_page(page, SHOTS / "embeddings.png")
+    screenshot_page(page, shots / "embeddings.png")
 
 
-def test_compare_screenshot(server, page):
+def test_compare_screenshot(server, page, shots):
     open_page(page, f"{server.url}/compare", ".st-key-faith_curves")
     assert page.locator("[data-testid=stPlotlyChart]").count() >= 6
-    screenshot_page(page, SHOTS / "compare.png")
-    shot = np.asarray(Image.open(SHOTS / "compare.png"))
+    screenshot_page(page, shots / "compare.png")
+    shot = np.asarray(Image.open(shots / "compare.png"))
     assert shot.shape[0] > 1500 and shot.std() > 10  # a long, non-blank page
