@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from vitviz.coverage import CHECKS, COVERAGE_MODELS, build, check, conversion, input_for
-from vitviz.explain import adapter_for
+from vitviz.explain import adapter_for, capture_attention, has_attention
 
 ALL_METHODS = {"attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity"}
 GRID_ONLY = {"attention", "gradcam", "similarity"}  # stages change the token grid: no rollout across them
@@ -51,6 +51,14 @@ def test_every_method_works_or_is_refused_with_a_reason(entry):
     model = build(entry)
     x = input_for(entry)
     adapter_for(model)  # every timm model has an adapter, if only the generic one
+    if has_attention(model):  # capture is one forward pass on every family
+        calls = []
+        handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            capture_attention(model, x, with_grads=adapter_for(model).has_head)
+        finally:
+            handle.remove()
+        assert len(calls) == 1
     outcomes = {what: check(model, x, what) for what in CHECKS}
     failed = {k: o.detail for k, o in outcomes.items() if o.status == "failed"}
     assert not failed, failed

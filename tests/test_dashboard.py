@@ -377,7 +377,7 @@ def test_embeddings_page(app, folders, stem):
     elif stem == "hybrid_shapes":
         assert n == 3 and "no pixel-space patch filters" in texts(app)
     else:
-        assert n == 0 and "This is a ResNet" in texts(app)
+        assert n == 0 and "This is a CNN" in texts(app)
 
 
 def test_compare_page(app):

@@ -10,12 +10,14 @@ from vitviz import dashboard_support as ds
 
 @ui.fragment("the patch filters")
 def filters_section(loaded: state.Loaded) -> None:
+    from vitviz.explain import adapter_for
     from vitviz.plots.explain import filters_figure, pca_figure
 
     st.subheader("Patch-embedding filters", divider="gray")
-    if loaded.info.family != "vit":
-        st.info("A hybrid's tokens come from a CNN feature map, not from pixels, so it has no pixel-space patch "
-                "filters. Pick a ViT to see them; position embeddings and attention distance are below.")
+    if adapter_for(loaded.model).patch_embedding_weight() is None:
+        why = ("A hybrid's tokens come from a CNN feature map, not from pixels" if loaded.info.family == "hybrid"
+               else "This model's stem is not a linear projection of non-overlapping patches")
+        st.info(f"{why}, so it has no pixel-space patch filters. Pick a ViT to see them; what else applies is below.")
         return
     filters, pca, explained = state.patch_filters(loaded.key, loaded)
     c1, c2 = st.columns(2, gap="large")
@@ -33,9 +35,14 @@ def filters_section(loaded: state.Loaded) -> None:
 
 @ui.fragment("the position embeddings")
 def position_section(loaded: state.Loaded) -> None:
+    from vitviz.explain import adapter_for
     from vitviz.plots.explain import patch_similarity_figure, similarity_grid_figure
 
     st.subheader("Position embeddings", divider="gray")
+    if adapter_for(loaded.model).position_embedding() is None:
+        st.info("This model learns no absolute position embeddings (it encodes positions relatively, by rotation, "
+                "or through convolutions), so there is no position-similarity map to show.")
+        return
     sim = state.position_similarity(loaded.key, loaded)  # (gh, gw, gh, gw)
     gh, gw = sim.shape[:2]
     c1, c2 = st.columns([1.4, 1], gap="large")
@@ -84,8 +91,8 @@ st.caption("What a Vision Transformer learned before any image arrives: the filt
 loaded = ui.need_model(ui.current_model())
 with ui.guard("the Embeddings page"):
     if not loaded.info.has_attention:
-        st.info("This is a ResNet: it has no patch embedding, position embeddings or attention. Pick a ViT or "
-                "hybrid checkpoint in the sidebar (the Compare page puts all three families side by side).")
+        st.info("This is a CNN: it has no patch embedding, position embeddings or attention we can record. Pick a "
+                "ViT or hybrid in the sidebar (the Compare page puts the three families side by side).")
     else:
         st.markdown(f"{ui.family_badge(loaded.info)} **{ds.short_name(loaded.info)}**")
         filters_section(loaded)
