@@ -156,8 +156,11 @@ def _run(method: str, adapter: Adapter, x: torch.Tensor, p: dict[str, Any]):
         check_discard_ratio(p["discard_ratio"])
     _precheck_indices(adapter, p)
     needs_grad = method in ("grad-rollout", "chefer")
-    # Plain rollout with mean fusion only needs each layer's head mean: reduce as the layers run.
-    reduce = mean_heads if method == "rollout" and p["head_fusion"] == "mean" else None
+    # Rollout with mean fusion, and raw attention of the head mean, only need each layer's head mean:
+    # reduce as the layers run, so every layer's (B, heads, N, N) is never held at once.
+    mean_only = (method == "rollout" and p["head_fusion"] == "mean") or (method == "attention" and
+                                                                         p["head"] in (None, "mean"))
+    reduce = mean_heads if mean_only else None
     cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad, reduce=reduce)
     if method == "attention":
         layer = _select(cap.layers, p["layer"], "layer")

@@ -12,7 +12,7 @@ and windowed attention is mapped onto the image's token grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,22 +23,47 @@ from vitviz.explain.adapters import Adapter, AttentionRecord, Tokens, adapter_fo
 from vitviz.explain.adapters.base import Reduce
 from vitviz.explain.layout import check_images, resolve_target
 
+Densify = Callable[[torch.Tensor], torch.Tensor]
+
 __all__ = ["Capture", "Layer", "capture_attention", "has_attention", "mean_heads"]
 
 
 @dataclass
 class Layer:
-    """One attention layer: weights (and gradients) over its query and key tokens."""
+    """One attention layer: weights (and gradients) over its query and key tokens.
 
-    weights: torch.Tensor  # (B, heads, Nq, Nk), detached
+    ``weights`` and ``gradients`` are dense (B, heads, Nq, Nk) over the full query and key sets,
+    formed on first use: windowed attention (Swin, Twins) stays windowed until a method asks for the
+    dense form, so a capture for one layer's map never builds every layer's (stage grid)^2 matrix.
+    """
+
+    parts: list[tuple[torch.Tensor, torch.Tensor | None, Densify | None]]  # (weights, grads, densify) per branch
     queries: Tokens
     keys: Tokens
     name: str
     block: int
     stage: int = 0
-    gradients: torch.Tensor | None = None  # (B, heads, Nq, Nk) d score / d weights
     q_index: torch.Tensor | None = None  # (Nq,) positions in the final token set, when a subset of it
     k_index: torch.Tensor | None = None  # (Nk,)
+    _dense: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(B, heads, Nq, Nk), parallel branches concatenated on the heads axis."""
+        return self._form("weights", 0)
+
+    @property
+    def gradients(self) -> torch.Tensor | None:
+        """d score / d weights, same shape; None when captured without gradients."""
+        if self.parts[0][1] is None:
+            return None
+        return self._form("gradients", 1)
+
+    def _form(self, key: str, i: int) -> torch.Tensor:
+        if key not in self._dense:
+            dense = [part[i] if part[2] is None else part[2](part[i]) for part in self.parts]
+            self._dense[key] = dense[0] if len(dense) == 1 else torch.cat(dense, dim=1)
+        return self._dense[key]
 
     def in_final(self, final: Tokens) -> bool:
         """Whether queries and keys are (a subset of) the model's final tokens, placed by the indices."""
@@ -144,20 +169,19 @@ def _logits(out: object, model: nn.Module) -> torch.Tensor:
 
 
 def _merge(records: list[AttentionRecord], grads: Sequence[torch.Tensor | None]) -> list[Layer]:
-    """One :class:`Layer` per block: dense weights, parallel branches concatenated on the heads axis."""
+    """One :class:`Layer` per block; parallel branches (same block, same tokens) become one layer."""
     layers: list[Layer] = []
+    want_grads = grads[0] is not None if grads else False
     for rec, g in zip(records, grads, strict=True):
-        w = rec.dense(rec.weights).detach()  # (B, heads, Nq, Nk)
-        if g is None and grads[0] is not None:
-            g = torch.zeros_like(rec.weights)  # an attention the score does not depend on
-        g = rec.dense(g).detach() if g is not None else None
+        w = rec.weights.detach()
+        if g is None and want_grads:
+            g = torch.zeros_like(w)  # an attention the score does not depend on
+        part = (w, None if g is None else g.detach(), rec.densify)
         prev = layers[-1] if layers else None
         if prev is not None and prev.block == rec.block and prev.block >= 0 and prev.queries == rec.queries \
                 and prev.keys == rec.keys:
-            prev.weights = torch.cat([prev.weights, w], dim=1)
-            if g is not None:
-                prev.gradients = torch.cat([prev.gradients, g], dim=1)
+            prev.parts.append(part)
             continue
-        layers.append(Layer(weights=w, queries=rec.queries, keys=rec.keys, name=rec.name, block=rec.block,
-                            stage=rec.stage, gradients=g, q_index=rec.q_index, k_index=rec.k_index))
+        layers.append(Layer(parts=[part], queries=rec.queries, keys=rec.keys, name=rec.name, block=rec.block,
+                            stage=rec.stage, q_index=rec.q_index, k_index=rec.k_index))
     return layers

@@ -24,6 +24,7 @@ of rollout across stages (:func:`stage_refusal`) are shared with the other hiera
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +85,7 @@ def linear_patch_weight(conv: object) -> torch.Tensor | None:
     return conv.weight
 
 
+@functools.lru_cache(maxsize=64)  # one layout per (grid, window, shift): computed once, not on every capture
 def window_index(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """(windows, wh*ww) long: the row-major grid token in each window slot, -1 for padding.
 
@@ -108,16 +110,22 @@ def window_densify(index: torch.Tensor, n: int) -> Callable[[torch.Tensor], torc
     with a padding token are dropped. Linear in its input, so it maps gradients the same way.
     """
     windows, size = index.shape
-    valid = index >= 0  # (windows, Nw)
-    pairs = (valid[:, :, None] & valid[:, None, :]).reshape(-1)  # (windows*Nw*Nw,)
-    source = pairs.nonzero().squeeze(1)  # (P,) positions in the flattened windows
-    target = (index[:, :, None] * n + index[:, None, :]).reshape(-1)[pairs]  # (P,) positions in the n*n grid
+    places: list[torch.Tensor] = []  # (source, target), computed on first use: most captures never densify
+
+    def layout() -> tuple[torch.Tensor, torch.Tensor]:
+        if not places:
+            valid = index >= 0  # (windows, Nw)
+            pairs = (valid[:, :, None] & valid[:, None, :]).reshape(-1)  # (windows*Nw*Nw,)
+            places.append(pairs.nonzero().squeeze(1))  # (P,) positions in the flattened windows
+            places.append((index[:, :, None] * n + index[:, None, :]).reshape(-1)[pairs])  # (P,) in the n*n grid
+        return places[0], places[1]
 
     def densify(t: torch.Tensor) -> torch.Tensor:
         if t.ndim != 4 or t.shape[0] % windows or t.shape[-2:] != (size, size):
             raise ExplainError(f"expected windowed attention (B * {windows}, heads, {size}, {size}), got "
                                f"{tuple(t.shape)}.")
         b, heads = t.shape[0] // windows, t.shape[1]
+        source, target = layout()
         flat = t.reshape(b, windows, heads, size * size).transpose(1, 2).reshape(b, heads, -1)  # (B, h, win*Nw*Nw)
         values = flat.index_select(2, source.to(t.device))  # (B, h, P)
         dense = t.new_zeros(b, heads, n * n).index_copy(2, target.to(t.device), values)  # (B, h, n*n)
