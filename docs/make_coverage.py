@@ -9,6 +9,7 @@ list is the one ``tests/test_coverage.py`` asserts on, so the table and the test
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +22,14 @@ from vitviz.explain import adapter_for  # noqa: E402
 HEADINGS = {"attention": "attention", "rollout": "rollout", "grad-rollout": "grad-rollout", "chefer": "Chefer",
             "gradcam": "Grad-CAM", "similarity": "similarity", "filters": "patch filters",
             "positions": "position sim.", "distance": "attn. distance", "pca": "feature PCA"}
+
+
+def _general(reason: str, model: object) -> str:
+    """A refusal as a footnote shared by every model it applies to: the class name made generic."""
+    name = type(model).__name__
+    reason = reason.split(" Methods for this model:")[0]
+    reason = re.sub(rf"^{name}\b", "The model", reason).replace(f" ({name})", "")
+    return reason.replace(f"not {name};", "not this architecture;")
 
 
 def table() -> tuple[list[str], list[str]]:
@@ -39,7 +48,7 @@ def table() -> tuple[list[str], list[str]]:
             if o.status == "ok":
                 cells.append("✓")
                 continue
-            n = reasons.setdefault(o.detail, len(reasons) + 1)
+            n = reasons.setdefault(_general(o.detail, model), len(reasons) + 1)
             cells.append(f"refused [{n}]" if o.status == "refused" else f"**FAILED** [{n}]")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{n}. {reason}" for reason, n in reasons.items()]

@@ -11,17 +11,17 @@ import pytest
 from vitviz.coverage import CHECKS, COVERAGE_MODELS, build, check, conversion, input_for
 from vitviz.explain import adapter_for, capture_attention, has_attention
 
-ALL_METHODS = {"attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity"}
-GRID_ONLY = {"attention", "gradcam", "similarity"}  # stages change the token grid: no rollout across them
-CNN = {"gradcam", "similarity"}
-HEADLESS = {"attention", "rollout", "similarity"}
+ALL_METHODS = {"attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity", "distance", "pca"}
+GRID_ONLY = {"attention", "gradcam", "similarity", "distance", "pca"}  # stages change the grid: no rollout
+CNN = {"gradcam", "similarity", "pca"}
+HEADLESS = {"attention", "rollout", "similarity", "distance", "pca"}
 
 # What must work on each family (at least); anything else may be refused with a reason, never fail.
 MUST = {
     "ViT, parallel scaling": CNN,  # attention is computed inline there: refused by name
     "DINOv2, headless": HEADLESS,
     "CLIP, headless": HEADLESS,
-    "XCiT": GRID_ONLY,  # cross-covariance layers attend over channels: no rollout through them
+    "XCiT": GRID_ONLY - {"distance"},  # channel attention, and token attention only from the class token
     "Swin": GRID_ONLY, "Swin-V2": GRID_ONLY, "PiT": GRID_ONLY, "PiT (distilled)": GRID_ONLY,
     "LeViT": GRID_ONLY, "PVT-v2": GRID_ONLY, "PVT-v2 (linear)": GRID_ONLY, "Twins-SVT": GRID_ONLY,
     "Twins-PCPVT": GRID_ONLY, "CrossViT": GRID_ONLY,

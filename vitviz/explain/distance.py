@@ -92,7 +92,8 @@ def attention_distance(model: nn.Module, images: torch.Tensor, batch_size: int =
     """Mean attention distance (layers, heads) in pixels of ``model`` over a set of images (N, C, H, W).
 
     Every token attention over a grid counts, on any adapted model; models whose layers have
-    different numbers of heads get NaN where a layer has fewer heads than the widest.
+    different numbers of heads get NaN where a layer has fewer heads than the widest, and layers
+    whose queries are only a class token get NaN throughout.
     """
     check_images(images)
     if batch_size < 1:
@@ -100,7 +101,13 @@ def attention_distance(model: nn.Module, images: torch.Tensor, batch_size: int =
     total = None
     for start in range(0, images.shape[0], batch_size):
         cap = capture_attention(model, images[start:start + batch_size])
-        per = [layer_distance(layer).sum(dim=0) for layer in cap.layers]  # [(heads,)] per layer
+        on_grid = {id(lay) for lay in cap.layers if lay.queries.num_grid and lay.keys.num_grid}
+        if not on_grid:
+            raise ExplainError(f"{type(model).__name__} has no attention between grid tokens (only from a class "
+                               "token), so there is no attention distance to measure.")
+        # A layer whose only query is a class token (CaiT's, XCiT's class attention) has no query position: NaN.
+        per = [layer_distance(lay).sum(dim=0) if id(lay) in on_grid else
+               torch.full((lay.weights.shape[1],), float("nan"), dtype=torch.float64) for lay in cap.layers]
         width = max(p.shape[0] for p in per)
         stacked = torch.stack([torch.cat([p, p.new_full((width - p.shape[0],), float("nan"))]) for p in per])
         total = stacked if total is None else total + stacked  # (layers, heads)

@@ -177,8 +177,9 @@ class Adapter:
     def refusal(self, method: str) -> str | None:
         """Why ``method`` is not defined on this model (and what to use), or None when it is."""
         if self.kind == "cnn" and method in ("attention", "rollout", "grad-rollout", "chefer"):
-            return (f"{method} needs attention, and {type(self.model).__name__} is a CNN with no attention "
-                    "layers; use method='gradcam'.")
+            what = "a raw attention map" if method == "attention" else method
+            return (f"{type(self.model).__name__} is a CNN: it has no attention layers, and {what} needs attention; "
+                    "use method='gradcam'.")
         return None
 
     def cam_forward(self, x: torch.Tensor, layer: int | None) -> CamForward:

@@ -39,8 +39,9 @@ class TimmGeneric(Adapter):
             if _looks_like_attention(self.model):
                 return (f"vitviz has no adapter for {type(self.model).__name__}'s attention yet, so {method} is not "
                         "available; use method='gradcam' (it reads the model's last feature map).")
-            return (f"{method} needs attention, and {type(self.model).__name__} is a CNN with no attention "
-                    "layers; use method='gradcam'.")
+            what = "a raw attention map" if method == "attention" else method
+            return (f"{type(self.model).__name__} is a CNN: it has no attention layers, and {what} needs attention; "
+                    "use method='gradcam'.")
         return None
 
     def features_to_map(self, feats: torch.Tensor) -> torch.Tensor:
