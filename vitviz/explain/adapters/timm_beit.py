@@ -34,7 +34,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_eva import linear_patch_filters, patch_grid
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
 
 
 @register
@@ -47,11 +47,7 @@ class TimmBeit(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.beit import Beit
-
-        return isinstance(model, Beit)
+        return is_timm(model, "timm.models.beit", "Beit")
 
     # --- tokens and readout -------------------------------------------------------------------------
     def final_tokens(self, height: int, width: int) -> Tokens:

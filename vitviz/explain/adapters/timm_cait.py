@@ -40,7 +40,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_eva import linear_patch_filters, patch_grid
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
 
 
 @register
@@ -53,11 +53,7 @@ class TimmCait(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.cait import Cait
-
-        return isinstance(model, Cait)
+        return is_timm(model, "timm.models.cait", "Cait")
 
     def _class_blocks(self) -> list[nn.Module]:
         return list(self.model.blocks_token_only or [])

@@ -37,7 +37,7 @@ from vitviz.explain.adapters.base import (
     grid_tokens_to_map,
     hooked_forward,
 )
-from vitviz.explain.adapters.timm_eva import linear_patch_filters, patch_grid
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
 
 
 @register
@@ -49,11 +49,7 @@ class TimmConvit(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.convit import ConVit
-
-        return isinstance(model, ConVit)
+        return is_timm(model, "timm.models.convit", "ConVit")
 
     @property
     def family(self) -> str:  # type: ignore[override]

@@ -52,7 +52,8 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_swin import ACROSS_LAYERS, is_timm, linear_patch_weight
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
+from vitviz.explain.adapters.timm_swin import ACROSS_LAYERS
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ class TimmCrossViT(Adapter):
 
     # --- Fig. 7 -------------------------------------------------------------------------------------
     def patch_embedding_weight(self) -> torch.Tensor | None:
-        return linear_patch_weight(self.model.patch_embed[0].proj)
+        return linear_patch_filters(self.model.patch_embed[0].proj)
 
     def position_embedding(self) -> tuple[torch.Tensor, tuple[int, int], int]:
         return self.model.pos_embed_0, self.branch_tokens(*self.model.img_size)[0].grid, 1

@@ -40,40 +40,8 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_vit import max_readout, pool_attention
-
-
-def patch_grid(patch_embed: nn.Module, height: int, width: int, dynamic: bool | None = None) -> tuple[int, int]:
-    """The token grid timm's ``PatchEmbed`` makes of a ``height`` x ``width`` input; ExplainError for a size it refuses.
-
-    ``dynamic``: True when the model takes any size, False when it could (``dynamic_img_size``) but was not
-    built to, None when it has no such option. A fixed-size model takes exactly its ``img_size``.
-    """
-    if dynamic and hasattr(patch_embed, "dynamic_feat_size"):
-        grid = tuple(int(g) for g in patch_embed.dynamic_feat_size((height, width)))
-    else:
-        size = tuple(int(v) for v in patch_embed.img_size)
-        if (height, width) != size:
-            other = " (or dynamic_img_size=True)" if dynamic is False else ""
-            wanted = str(height) if height == width else f"({height}, {width})"
-            raise ExplainError(
-                f"this timm model takes {size[0]}x{size[1]} px images, got {height}x{width}; resize the image, or "
-                f"create the model with img_size={wanted}{other}."
-            )
-        grid = tuple(int(g) for g in patch_embed.grid_size)
-    if grid[0] < 1 or grid[1] < 1:
-        raise ExplainError(f"an input of {height}x{width} px is smaller than one token cell.")
-    return grid  # type: ignore[return-value]
-
-
-def linear_patch_filters(patch_embed: nn.Module) -> torch.Tensor | None:
-    """Filters (D, C, p, p) of a non-overlapping, ungrouped Conv2d patch projection, else None."""
-    proj = getattr(patch_embed, "proj", None)
-    if hasattr(patch_embed, "backbone") or not isinstance(proj, nn.Conv2d):
-        return None
-    if proj.kernel_size != proj.stride or proj.groups != 1:
-        return None
-    return proj.weight
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
+from vitviz.explain.adapters.timm_vit import max_readout, readout_hooks
 
 
 @register
@@ -86,11 +54,7 @@ class TimmEva(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.eva import Eva
-
-        return isinstance(model, Eva)
+        return is_timm(model, "timm.models.eva", "Eva")
 
     # --- tokens and readout -------------------------------------------------------------------------
     def final_tokens(self, height: int, width: int) -> Tokens:
@@ -141,23 +105,7 @@ class TimmEva(Adapter):
             rec.records.append(AttentionRecord(weights=reduce(weights) if reduce else weights, queries=tokens,
                                                keys=tokens, name=name, block=blocks[name]))
 
-        handles = []
-        how = self.readout_kind()
-        if how == "pool":
-            pool = self.model.attn_pool
-
-            def keep_pool(_m: nn.Module, inputs: tuple) -> None:
-                with torch.no_grad():
-                    a = pool_attention(pool, inputs[0])  # (B, heads, latents, N)
-                    a = a[:, :, :1] if getattr(pool, "pool", "token") == "token" else a
-                    rec.readout = a.mean(dim=(1, 2))  # (B, N)
-
-            handles.append(pool.register_forward_pre_hook(keep_pool))
-        elif how in ("max", "avgmax"):
-            def keep_features(_m: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-                rec.features = output.detach()  # (B, N, D): the tokens the pool reads
-
-            handles.append(self.model.norm.register_forward_hook(keep_features))
+        handles = readout_hooks(self.model, self.readout_kind(), rec)
         try:
             with attn_drop_recorder(modules, on_record):
                 yield rec

@@ -30,7 +30,8 @@ from torch import nn
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import Adapter, AttentionRecord, Recording, Reduce, Tokens, as_map, readout_vector
-from vitviz.explain.adapters.timm_swin import is_timm, stage_refusal
+from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_swin import stage_refusal
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_swin import conv_out, is_timm, stage_refusal
+from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
 
 
 @register

@@ -34,7 +34,8 @@ from vitviz.explain.adapters.base import (
     attn_drop_recorder,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_swin import conv_out, is_timm, stage_refusal
+from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
 
 
 def pooled_keys(attn: nn.Module, queries: Tokens) -> Tokens:

@@ -44,21 +44,12 @@ from vitviz.explain.adapters.base import (
     attn_drop_recorder,
     readout_vector,
 )
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
 
 ACROSS_LAYERS = ("rollout", "grad-rollout", "chefer")
 
 
 # --- helpers shared by the hierarchical adapters ------------------------------------------------------
-
-def is_timm(model: nn.Module, module: str, *names: str) -> bool:
-    """Whether ``model`` is an instance of one of the classes ``names`` of timm's ``module``."""
-    if not type(model).__module__.startswith("timm."):
-        return False
-    import importlib
-
-    mod = importlib.import_module(module)
-    return any(isinstance(model, getattr(mod, n)) for n in names if hasattr(mod, n))
-
 
 def stage_refusal(model: nn.Module, method: str, change: str) -> str | None:
     """The reason ``method`` (a product of attention across layers) is refused on a multi-stage model."""
@@ -76,13 +67,6 @@ def conv_out(n: int, conv: nn.Conv2d, axis: int) -> int:
     if isinstance(conv.padding, str):  # "same" (stride 1 only) / "valid"
         return n if conv.padding == "same" else (n - d * (k - 1) - 1) // s + 1
     return (n + 2 * conv.padding[axis] - d * (k - 1) - 1) // s + 1
-
-
-def linear_patch_weight(conv: object) -> torch.Tensor | None:
-    """A patch-embedding conv's filters (D, C, p, p) when it is a linear patch projection, else None."""
-    if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.groups != 1:
-        return None
-    return conv.weight
 
 
 @functools.lru_cache(maxsize=64)  # one layout per (grid, window, shift): computed once, not on every capture
@@ -255,4 +239,4 @@ class TimmSwin(Adapter):
         return as_map(feats)
 
     def patch_embedding_weight(self) -> torch.Tensor | None:
-        return linear_patch_weight(getattr(self.model.patch_embed, "proj", None))
+        return linear_patch_filters(getattr(self.model.patch_embed, "proj", None))

@@ -45,11 +45,10 @@ from vitviz.explain.adapters.base import (
     grid_tokens_to_map,
     readout_vector,
 )
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
 from vitviz.explain.adapters.timm_pvt import pooled_keys
 from vitviz.explain.adapters.timm_swin import (
     conv_out,
-    is_timm,
-    linear_patch_weight,
     stage_refusal,
     window_densify,
     window_index,
@@ -180,4 +179,4 @@ class TimmTwins(Adapter):
                           reshape=lambda t: grid_tokens_to_map(t, tokens), cell=tokens.cell)
 
     def patch_embedding_weight(self) -> torch.Tensor | None:
-        return linear_patch_weight(self.model.patch_embeds[0].proj)
+        return linear_patch_filters(self.model.patch_embeds[0].proj)

@@ -42,6 +42,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
+from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
 
 _INLINE_BLOCKS = ("ParallelScalingBlock", "DiffParallelScalingBlock")
 
@@ -67,6 +68,31 @@ def pool_attention(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, L, N)
 
 
+def readout_hooks(model: nn.Module, how: str, rec: Recording) -> list:
+    """Hooks that fill ``rec`` with what an input-dependent readout needs, for timm's ViT-style models.
+
+    "pool": the attention pool's own weights over the tokens, averaged over heads (and latents, unless
+    the pool reads its first latent only) into ``rec.readout`` (B, N); "max" / "avgmax": the tokens the
+    pool reads (the final norm's output) into ``rec.features``. Remove the returned handles afterwards.
+    """
+    if how == "pool":
+        pool = model.attn_pool
+
+        def keep_pool(_m: nn.Module, inputs: tuple) -> None:
+            with torch.no_grad():
+                a = pool_attention(pool, inputs[0])  # (B, heads, L, N)
+                a = a[:, :, :1] if getattr(pool, "pool", "token") == "token" else a
+                rec.readout = a.mean(dim=(1, 2))  # (B, N)
+
+        return [pool.register_forward_pre_hook(keep_pool)]
+    if how in ("max", "avgmax"):
+        def keep_features(_m: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            rec.features = output.detach()  # (B, N, D): what the pool reads
+
+        return [model.norm.register_forward_hook(keep_features)]
+    return []
+
+
 @register
 class TimmViT(Adapter):
     """timm ``VisionTransformer`` (and ``VisionTransformerDistilled``), plain or hybrid."""
@@ -76,11 +102,7 @@ class TimmViT(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.vision_transformer import VisionTransformer
-
-        return isinstance(model, VisionTransformer)
+        return is_timm(model, "timm.models.vision_transformer", "VisionTransformer")
 
     @property
     def family(self) -> str:  # type: ignore[override]
@@ -101,17 +123,7 @@ class TimmViT(Adapter):
     # --- tokens and readout -------------------------------------------------------------------------
     def final_tokens(self, height: int, width: int) -> Tokens:
         m, pe = self.model, self.model.patch_embed
-        if getattr(m, "dynamic_img_size", False) and hasattr(pe, "dynamic_feat_size"):
-            grid = tuple(int(g) for g in pe.dynamic_feat_size((height, width)))
-        else:
-            grid = tuple(int(g) for g in pe.grid_size)
-            if (height, width) != tuple(int(v) for v in pe.img_size):
-                raise ExplainError(
-                    f"this timm model takes {pe.img_size[0]}x{pe.img_size[1]} px images, got {height}x{width}; "
-                    f"resize the image, or create the model with img_size={height} (or dynamic_img_size=True)."
-                )
-        if grid[0] < 1 or grid[1] < 1:
-            raise ExplainError(f"an input of {height}x{width} px is smaller than one token cell.")
+        grid = patch_grid(pe, height, width, dynamic=bool(getattr(m, "dynamic_img_size", False)))
         if hasattr(pe, "backbone"):  # hybrid: a cell is the backbone stride times the feature patch
             cell = (math.ceil(height / grid[0]), math.ceil(width / grid[1]))
         else:
@@ -196,23 +208,7 @@ class TimmViT(Adapter):
             rec.records.append(AttentionRecord(weights=reduce(weights) if reduce else weights, queries=tokens,
                                                keys=tokens, name=name, block=block_index(name)))
 
-        handles = []
-        how = self.readout_kind()
-        if how == "pool":
-            pool = self.model.attn_pool
-
-            def keep_pool(_m: nn.Module, inputs: tuple) -> None:
-                with torch.no_grad():
-                    a = pool_attention(pool, inputs[0])  # (B, heads, L, N)
-                    a = a[:, :, :1] if getattr(pool, "pool", "token") == "token" else a
-                    rec.readout = a.mean(dim=(1, 2))  # (B, N)
-
-            handles.append(pool.register_forward_pre_hook(keep_pool))
-        elif how in ("max", "avgmax"):
-            def keep_features(_m: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-                rec.features = output.detach()  # (B, N, D): what the pool reads
-
-            handles.append(self.model.norm.register_forward_hook(keep_features))
+        handles = readout_hooks(self.model, self.readout_kind(), rec)
         try:
             with attn_drop_recorder(self._attention_modules(), on_record):
                 yield rec
@@ -243,13 +239,7 @@ class TimmViT(Adapter):
 
     # --- Fig. 7 -------------------------------------------------------------------------------------
     def patch_embedding_weight(self) -> torch.Tensor | None:
-        pe = self.model.patch_embed
-        proj = getattr(pe, "proj", None)
-        if hasattr(pe, "backbone") or not isinstance(proj, nn.Conv2d):
-            return None
-        if proj.kernel_size != proj.stride or proj.groups != 1:
-            return None  # overlapping or grouped stems are not a linear patch projection
-        return proj.weight
+        return linear_patch_filters(self.model.patch_embed)
 
     def position_embedding(self) -> tuple[torch.Tensor, tuple[int, int], int] | None:
         m = self.model

@@ -41,6 +41,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
+from vitviz.explain.adapters.timm_common import is_timm
 
 _CHANNEL_REFUSED = ("XCiT's cross-covariance layers attend over channels, not tokens, so attention cannot be rolled "
                     "out through them; use method='attention' (the class-attention layers) or 'gradcam'")
@@ -56,11 +57,7 @@ class TimmXcit(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if not type(model).__module__.startswith("timm."):
-            return False
-        from timm.models.xcit import Xcit
-
-        return isinstance(model, Xcit)
+        return is_timm(model, "timm.models.xcit", "Xcit")
 
     def _class_blocks(self) -> list[nn.Module]:
         return list(self.model.cls_attn_blocks or [])
