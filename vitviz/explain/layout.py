@@ -14,7 +14,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 
-__all__ = ["TokenLayout", "check_images", "is_timm_vit", "model_family", "resolve_target", "token_layout"]
+__all__ = ["TokenLayout", "check_images", "model_family", "resolve_target", "token_layout"]
 
 
 @dataclass(frozen=True)
@@ -38,15 +38,6 @@ class TokenLayout:
     @property
     def num_tokens(self) -> int:
         return self.num_prefix_tokens + self.num_patches
-
-
-def is_timm_vit(model: nn.Module) -> bool:
-    """Whether ``model`` is a timm VisionTransformer (plain or hybrid), used as it comes."""
-    if not type(model).__module__.startswith("timm."):
-        return False
-    from timm.models.vision_transformer import VisionTransformer
-
-    return isinstance(model, VisionTransformer)
 
 
 def model_family(model: nn.Module) -> str:
