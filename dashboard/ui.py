@@ -173,7 +173,8 @@ def _timm_picker(device: str) -> state.Loaded | None:
 def _model_card(loaded: state.Loaded) -> None:
     info = loaded.info
     n = len(info.class_names)
-    lines = [f"**{info.family_label}** · {info.img_size}×{info.img_size} px · {n} classes"]
+    what = f"{n} classes" if info.has_head else "features, no classifier"
+    lines = [f"**{info.family_label}** · {info.img_size}×{info.img_size} px · {what}"]
     if info.dataset:
         lines.append(f"trained on **{info.dataset}**")
     acc, f1 = ds.metric(info, "accuracy"), ds.metric(info, "macro_f1")

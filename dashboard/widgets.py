@@ -32,9 +32,12 @@ def explanation_controls(subject: state.Subject, method: str, probs: np.ndarray,
     from vitviz.explain import HEAD_FUSIONS, METHOD_PARAMS
 
     info, model = subject.info, subject.model
-    dims = ds.transformer_dims(model)
-    depth, heads = dims if dims is not None else (0, 0)
-    wanted = [p for p in METHOD_PARAMS[method] if p != "query" and not (p == "layer" and dims is None)]
+    dims = ds.transformer_dims(model)  # None unless every layer has the same heads
+    depth = dims[0] if dims is not None else (ds.attention_depth(model) or 0)
+    heads = dims[1] if dims is not None else 0  # a hierarchical model's heads change by stage: fusions only
+    # Grad-CAM's layer choice is a block of a plain transformer; attention's is any attention layer.
+    has_layer = depth > 0 if method == "attention" else dims is not None
+    wanted = [p for p in METHOD_PARAMS[method] if p != "query" and not (p == "layer" and not has_layer)]
     if not wanted:
         return {}
     kwargs: dict[str, Any] = {}

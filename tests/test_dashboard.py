@@ -343,6 +343,12 @@ def test_timm_models_that_do_not_convert_open_as_they_are(app, name):
     else:
         assert "Hierarchical transformer" in texts(app)
         assert "Raw attention" in methods.options and "Grad-CAM (Selvaraju et al. 2017)" in methods.options
+        methods.set_value("attention").run()
+        layer = next(s for s in app.slider if str(s.key).startswith("att_layer_"))
+        assert layer.max == 12  # Swin-T's 2 + 2 + 6 + 2 blocks, each on its own stage's grid
+        layer.set_value(1).run()
+        assert_clean(app)
+        assert not errors(app), errors(app)
     assert "What the features group together" in [s.value for s in app.subheader]
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "thumbnail",
     "timm_info",
     "topk",
+    "attention_depth",
     "nearest_resize",
     "transformer_dims",
 ]
@@ -384,6 +385,17 @@ def nearest_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     rows = np.minimum((np.arange(size[0]) * image.shape[0]) // size[0], image.shape[0] - 1)
     cols = np.minimum((np.arange(size[1]) * image.shape[1]) // size[1], image.shape[1] - 1)
     return image[rows][:, cols]
+
+
+def attention_depth(model: Any) -> int | None:
+    """How many attention layers a model's adapter records (None for models without recordable attention)."""
+    from vitviz.errors import VitvizError
+    from vitviz.explain import adapter_for, has_attention
+
+    try:
+        return adapter_for(model).depth() if has_attention(model) else None
+    except VitvizError:
+        return None
 
 
 def transformer_dims(model: Any) -> tuple[int, int] | None:
