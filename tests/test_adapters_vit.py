@@ -180,3 +180,20 @@ def test_rollout_within_the_last_stage_of_a_hierarchical_model():
     expected = naive_rollout_row(last, torch.full((1, 4), 0.25))
     got = explain_details(model, x, "rollout", start_layer=4, upsample=False).grid_maps
     torch.testing.assert_close(got.double(), expected.reshape(1, 2, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_raw_attention_records_only_the_layer_it_shows(x, fused_attention_calls):
+    model = vit(depth=3)
+    full = capture_attention(model, x)
+    fused_attention_calls.clear()
+    one = capture_attention(model, x, only_layer=1)
+    assert len(fused_attention_calls) == 2  # layers 0 and 2 keep the fused kernel
+    assert one.only and one.first == 1 and len(one.layers) == 1
+    torch.testing.assert_close(one.layers[0].weights, full.attentions[1])
+    torch.testing.assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
+    fused_attention_calls.clear()
+    m = explain_details(model, x, "attention", layer=-1, upsample=False).grid_maps
+    assert len(fused_attention_calls) == 2
+    torch.testing.assert_close(m, full.attentions[-1].mean(1)[:, 0, 1:].reshape(2, 4, 4))
+    with pytest.raises(ExplainError, match="layer 3 is out of range"):
+        explain(model, x, "attention", layer=3)

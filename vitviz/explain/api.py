@@ -161,9 +161,10 @@ def _run(method: str, adapter: Adapter, x: torch.Tensor, p: dict[str, Any]):
     mean_only = (method == "rollout" and p["head_fusion"] == "mean") or (method == "attention" and
                                                                          p["head"] in (None, "mean"))
     reduce = mean_heads if mean_only else None
-    cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad, reduce=reduce)
+    only = p["layer"] if method == "attention" else None  # raw attention needs one layer: record just it
+    cap = capture_attention(model, x, target=p.get("target"), with_grads=needs_grad, reduce=reduce, only_layer=only)
     if method == "attention":
-        layer = _select(cap.layers, p["layer"], "layer")
+        layer = cap.layers[0] if cap.only else _select(cap.layers, p["layer"], "layer")
         m = _attention_grid(cap, layer, p["head"], p["query"])
         return m, m, cap.logits, cap.target, layer.keys.cell
     raw, shape = _propagated(method, cap, p)

@@ -12,6 +12,7 @@ and windowed attention is mapped onto the image's token grid.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import Adapter, AttentionRecord, Tokens, adapter_for
-from vitviz.explain.adapters.base import Reduce
+from vitviz.explain.adapters.base import Reduce, record_only
 from vitviz.explain.layout import check_images, resolve_target
 
 Densify = Callable[[torch.Tensor], torch.Tensor]
@@ -82,6 +83,8 @@ class Capture:
     readout: torch.Tensor  # (B, N) weights of the final tokens in what the head reads
     target: torch.Tensor | None = None  # (B,) class whose score was differentiated (or checked)
     adapter: Adapter | None = field(default=None, repr=False)
+    first: int = 0  # index of layers[0] among all the model's attention layers
+    only: bool = False  # True when ``only_layer`` recorded that one layer alone
 
     @property
     def attentions(self) -> list[torch.Tensor]:
@@ -111,13 +114,16 @@ def has_attention(model: nn.Module) -> bool:
 
 
 def capture_attention(model: nn.Module, x: torch.Tensor, *, target: int | Sequence[int] | torch.Tensor | None = None,
-                      with_grads: bool = False, reduce: Reduce | None = None) -> Capture:
+                      with_grads: bool = False, reduce: Reduce | None = None,
+                      only_layer: int | None = None) -> Capture:
     """Run ``model`` once on ``x`` (B, C, H, W) and return its logits and every layer's attention.
 
     ``with_grads=True`` also differentiates the score (logit) of ``target`` (default: each image's
     predicted class) with respect to each layer's attention weights; the model still runs once.
     ``reduce`` (e.g. :func:`mean_heads`) is applied to each layer as it runs, without gradients only:
-    a rollout then never holds every layer's full (B, heads, N, N) at once.
+    a rollout then never holds every layer's full (B, heads, N, N) at once. ``only_layer`` (an index,
+    negative from the end) asks for that one layer: where the adapter records one module per layer,
+    the others keep their fused kernel and the capture holds just it (``Capture.first`` says which).
     The model's train/eval mode is left as it is (explanations normally want ``model.eval()``).
     """
     check_images(x)
@@ -136,7 +142,16 @@ def capture_attention(model: nn.Module, x: torch.Tensor, *, target: int | Sequen
         # The input joins the graph so that a model with frozen weights still has one to differentiate.
         x = x.detach().requires_grad_(True)
     tokens = adapter.final_tokens(x.shape[-2], x.shape[-1])
-    with torch.enable_grad() if with_grads else torch.no_grad():
+    first, only = 0, contextlib.nullcontext()
+    restricted = only_layer is not None and adapter.one_module_per_layer and bool(adapter.depth())
+    if restricted:
+        depth = int(adapter.depth())
+        if isinstance(only_layer, bool) or not isinstance(only_layer, int) or not -depth <= only_layer < depth:
+            raise ExplainError(f"layer {only_layer!r} is out of range for a model with {depth} layers "
+                               f"(use 0..{depth - 1} or -{depth}..-1).")
+        first = only_layer % depth
+        only = record_only(frozenset({first}))
+    with torch.enable_grad() if with_grads else torch.no_grad(), only:
         logits, rec = adapter.record_forward(x, reduce)
         logits = _logits(logits, model)
         records = [r for r in rec.records if r.token_attention]
@@ -156,7 +171,7 @@ def capture_attention(model: nn.Module, x: torch.Tensor, *, target: int | Sequen
     if readout.ndim == 1:
         readout = readout.expand(x.shape[0], -1)  # (B, N)
     return Capture(logits=logits.detach(), layers=_merge(records, grads), tokens=tokens, readout=readout,
-                   target=t, adapter=adapter)
+                   target=t, adapter=adapter, first=first, only=restricted)
 
 
 def _logits(out: object, model: nn.Module) -> torch.Tensor:

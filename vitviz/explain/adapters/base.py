@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from vitviz.errors import ExplainError
 
 __all__ = [
     "Adapter", "AttentionRecord", "CamForward", "Recording", "Reduce", "Tokens", "as_map", "attn_drop_recorder",
-    "block_index", "check_block", "grid_tokens_to_map", "hooked_forward", "readout_vector",
+    "block_index", "check_block", "grid_tokens_to_map", "hooked_forward", "readout_vector", "record_only",
 ]
 
 
@@ -116,6 +117,10 @@ class Adapter:
     # Whether rollout / relevance may run over the layers that share the final token set (the last
     # stage of a hierarchical model, chosen with start_layer) although the whole model refuses them.
     stagewise_rollout: bool = False
+    # Whether the modules handed to attn_drop_recorder are exactly the attention layers, one each, in
+    # call order: then a method that needs one layer (raw attention) records only that one, and every
+    # other layer keeps its fused kernel (see ``record_only``).
+    one_module_per_layer: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -256,6 +261,19 @@ def block_index(name: str, container: str = "blocks") -> int:
     return -1
 
 
+_RECORD_ONLY: ContextVar[frozenset[int] | None] = ContextVar("vitviz_record_only", default=None)
+
+
+@contextmanager
+def record_only(layers: frozenset[int]) -> Iterator[None]:
+    """Inside the block, :func:`attn_drop_recorder` records only these positions of its module list."""
+    token = _RECORD_ONLY.set(layers)
+    try:
+        yield
+    finally:
+        _RECORD_ONLY.reset(token)
+
+
 @contextmanager
 def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
                        on_record: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
@@ -267,6 +285,9 @@ def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
     fused kernel never exposes the weights, which is why hooks alone capture nothing on recent timm.
     On exit, also after an exception, every hook is removed and every instance attribute restored.
     """
+    only = _RECORD_ONLY.get()
+    if only is not None:  # the other layers keep their fused kernel and are not recorded
+        modules = [m for i, m in enumerate(modules) if i in only]
     missing = object()
     saved: list[tuple[nn.Module, object]] = []
     handles = []

@@ -43,6 +43,7 @@ class TimmBeit(Adapter):
 
     name = "timm-beit"
     kind = "transformer"
+    one_module_per_layer = True
     family = "vit"
 
     @classmethod

@@ -50,6 +50,7 @@ class TimmEva(Adapter):
 
     name = "timm-eva"
     kind = "transformer"
+    one_module_per_layer = True
     family = "vit"
 
     @classmethod

@@ -62,6 +62,7 @@ class TimmPVTv2(Adapter):
 
     name = "timm-pvt-v2"
     kind = "transformer"
+    one_module_per_layer = True
     stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 

@@ -126,6 +126,7 @@ class TimmSwin(Adapter):
 
     name = "timm-swin"
     kind = "transformer"
+    one_module_per_layer = True
     stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
 

@@ -109,6 +109,11 @@ class TimmViT(Adapter):
         return "hybrid" if hasattr(self.model.patch_embed, "backbone") else "vit"
 
     @property
+    def one_module_per_layer(self) -> bool:  # type: ignore[override]
+        """True unless parallel blocks record k branches per layer."""
+        return not any(hasattr(blk, "attns") for blk in self.model.blocks)
+
+    @property
     def has_head(self) -> bool:
         """False for ``num_classes=0`` and for a CLIP image tower, whose outputs are its image embedding
         (the projection into the text space, 512 numbers for ViT-B/16) rather than class scores."""
