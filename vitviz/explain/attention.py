@@ -141,8 +141,8 @@ def attention_heads(model: nn.Module, x: torch.Tensor, layer: int = -1, query: Q
     """
     from vitviz.explain.capture import capture_attention
 
-    cap = capture_attention(model, x)
-    lay = cap.layers[_layer_index(len(cap.layers), layer)]
+    cap = capture_attention(model, x, only_layer=layer)  # records just that layer where the adapter can
+    lay = cap.layers[0] if cap.only else cap.layers[_layer_index(len(cap.layers), layer)]
     rows = layer_query_rows(lay, cap.tokens, cap.readout, query)  # (B, heads, Nk)
     keys = lay.keys
     return rows[:, :, keys.prefix:].reshape(rows.shape[0], rows.shape[1], *keys.grid)  # (B, heads, gkh, gkw)
