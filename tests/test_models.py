@@ -19,7 +19,7 @@ SMALL = {"vit": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads
          "resnet": dict(img_size=32, width=8, num_classes=5)}
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
     """Non-trivial values in every parameter and buffer (timm zero-inits heads, BN stats start at 0/1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -29,7 +29,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+                t.copy_(torch.randn(t.shape, generator=g) * scale)
     return model
 
 

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from test_models import randomize as randomize_all
 from torch import nn
 
 import vitviz
@@ -24,16 +25,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial values everywhere: timm zero-inits heads, layer scale starts at 1e-6, positions near 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-    return model
+    return randomize_all(model, seed, scale=0.1)
 
 
 def assert_same_logits(theirs: nn.Module, ours: nn.Module, x: torch.Tensor) -> None:

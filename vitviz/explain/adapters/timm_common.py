@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
 
-__all__ = ["is_timm", "linear_patch_filters", "patch_grid"]
+__all__ = ["common_heads", "is_timm", "linear_patch_filters", "patch_grid"]
 
 
 def is_timm(model: nn.Module, module: str, *names: str) -> bool:
@@ -52,3 +53,9 @@ def linear_patch_filters(stem: nn.Module | None) -> torch.Tensor | None:
     if proj.kernel_size != proj.stride or proj.groups != 1:
         return None
     return proj.weight
+
+
+def common_heads(attentions: Iterable[nn.Module]) -> int | None:
+    """The heads every attention module has, or None when they differ (a hierarchical model's stages)."""
+    counts = {int(a.num_heads) for a in attentions}
+    return counts.pop() if len(counts) == 1 else None

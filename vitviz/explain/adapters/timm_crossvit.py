@@ -52,7 +52,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
+from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
 from vitviz.explain.adapters.timm_swin import ACROSS_LAYERS
 
 
@@ -137,8 +137,7 @@ class TimmCrossViT(Adapter):
         return max(layer.block for layer in layers) + 1 if layers else 0
 
     def heads(self) -> int | None:
-        counts = {int(layer.module.num_heads) for layer in self._layers(*self.model.img_size)}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(layer.module for layer in self._layers(*self.model.img_size))
 
     def refusal(self, method: str) -> str | None:
         if method in ACROSS_LAYERS:

@@ -30,7 +30,7 @@ from torch import nn
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import Adapter, AttentionRecord, Recording, Reduce, Tokens, as_map, readout_vector
-from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import stage_refusal
 
 
@@ -145,8 +145,7 @@ class TimmLevit(Adapter):
         return len(self._layers())
 
     def heads(self) -> int | None:
-        counts = {int(layer.module.num_heads) for layer in self._layers()}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(layer.module for layer in self._layers())
 
     def refusal(self, method: str) -> str | None:
         if len(self.model.stages) < 2:

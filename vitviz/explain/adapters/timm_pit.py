@@ -35,7 +35,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
 
 
@@ -94,8 +94,7 @@ class TimmPiT(Adapter):
         return len(self._blocks())
 
     def heads(self) -> int | None:
-        counts = {int(blk.attn.num_heads) for _, blk, _ in self._blocks()}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(blk.attn for _, blk, _ in self._blocks())
 
     def refusal(self, method: str) -> str | None:
         if len(self.model.transformers) < 2:

@@ -34,7 +34,7 @@ from vitviz.explain.adapters.base import (
     attn_drop_recorder,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_common import is_timm
+from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
 
 
@@ -106,8 +106,7 @@ class TimmPVTv2(Adapter):
         return len(self._attentions())
 
     def heads(self) -> int | None:
-        counts = {int(attn.num_heads) for _, attn, _ in self._attentions()}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(attn for _, attn, _ in self._attentions())
 
     def refusal(self, method: str) -> str | None:
         if len(self.model.stages) < 2:

@@ -44,7 +44,7 @@ from vitviz.explain.adapters.base import (
     attn_drop_recorder,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
+from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
 
 ACROSS_LAYERS = ("rollout", "grad-rollout", "chefer")
 
@@ -183,8 +183,7 @@ class TimmSwin(Adapter):
         return len(self._blocks())
 
     def heads(self) -> int | None:
-        counts = {int(blk.attn.num_heads) for _, blk, _ in self._blocks()}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(blk.attn for _, blk, _ in self._blocks())
 
     def refusal(self, method: str) -> str | None:
         if len(self.model.layers) < 2:

@@ -45,7 +45,7 @@ from vitviz.explain.adapters.base import (
     grid_tokens_to_map,
     readout_vector,
 )
-from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters
+from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
 from vitviz.explain.adapters.timm_pvt import pooled_keys
 from vitviz.explain.adapters.timm_swin import (
     conv_out,
@@ -100,8 +100,7 @@ class TimmTwins(Adapter):
         return len(self._attentions())
 
     def heads(self) -> int | None:
-        counts = {int(attn.num_heads) for _, attn, _ in self._attentions()}
-        return counts.pop() if len(counts) == 1 else None
+        return common_heads(attn for _, attn, _ in self._attentions())
 
     def refusal(self, method: str) -> str | None:
         if len(self.model.blocks) < 2:
