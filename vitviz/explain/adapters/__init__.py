@@ -32,6 +32,9 @@ _MODULES = (
     "vitviz.explain.adapters.timm_pvt",
     "vitviz.explain.adapters.timm_twins",
     "vitviz.explain.adapters.timm_crossvit",
+    "vitviz.explain.adapters.hf_vit",
+    "vitviz.explain.adapters.hf_swin",
+    "vitviz.explain.adapters.clip",
     "vitviz.explain.adapters.timm_generic",
 )
 _loaded = False
@@ -74,5 +77,6 @@ def adapter_for(model: nn.Module) -> Adapter:
             return cls(model)
     raise ExplainError(
         f"vitviz cannot explain a {type(model).__name__}: pass a vitviz model (create_model / load_checkpoint) "
-        "or a timm model (vitviz.create_model('timm:<name>'))."
+        "or a timm, Hugging Face or open_clip model (vitviz.create_model('timm:<name>' | 'hf:<id or folder>' | "
+        "'open_clip:<arch>'))."
     )

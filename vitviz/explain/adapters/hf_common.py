@@ -1,0 +1,90 @@
+"""What the Hugging Face adapters share: finding a model's attention layers and recording them eagerly.
+
+transformers picks an attention implementation per config (``_attn_implementation``: "sdpa",
+"flash_attention_2", "eager", ...); only the eager path computes the softmax weights, and its
+attention modules return them as their second output, still in the autograd graph. For the calls
+inside :func:`eager_recorder` every config the attention modules read is switched to "eager", and a
+forward hook hands each module's weights over; on exit (also after an exception) every config gets
+its own implementation back, so a model loaded with SDPA keeps SDPA for every other call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from vitviz.errors import ExplainError
+from vitviz.explain.adapters.base import _RECORD_ONLY
+
+__all__ = ["attention_layers", "eager_recorder", "first_layernorm", "is_hf"]
+
+
+def is_hf(model: nn.Module) -> bool:
+    """Whether ``model`` is vitviz's wrapper of a transformers image model."""
+    from vitviz.models.hf import HFImageModel  # transformers itself is imported only when such a model exists
+
+    return isinstance(model, HFImageModel)
+
+
+def attention_layers(root: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(path, layer, attention module) of every self-attention layer under ``root``, in call order.
+
+    An attention module is one with q/k/v projections and a config to switch (every transformers
+    self-attention); its layer is its parent module. torch's ``nn.MultiheadAttention`` (SigLIP's
+    pooling head) has neither and is not a layer.
+    """
+    modules = dict(root.named_modules())
+    out = []
+    for name, module in modules.items():
+        if hasattr(module, "q_proj") and hasattr(module, "k_proj") and hasattr(module, "config") and "." in name:
+            parent = name.rsplit(".", 1)[0]
+            out.append((parent, modules[parent], module))
+    if not out:
+        raise ExplainError(f"found no attention layers in {type(root).__name__}.")
+    return out
+
+
+def first_layernorm(layer: nn.Module) -> nn.Module:
+    """The layer's first LayerNorm child: the norm in front of attention in a pre-norm block."""
+    for child in layer.children():
+        if isinstance(child, nn.LayerNorm):
+            return child
+    raise ExplainError(f"{type(layer).__name__} has no LayerNorm in front of its attention.")
+
+
+@contextmanager
+def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
+                   on_record: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Record the softmax weights of transformers attention modules (each returns ``(output, weights)``).
+
+    ``record_only`` (see :mod:`vitviz.explain.adapters.base`) limits the hooks to those positions.
+    """
+    only = _RECORD_ONLY.get()
+    hooked = [m for i, m in enumerate(modules) if only is None or i in only]
+    configs = {id(m.config): m.config for _, m in modules}
+    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs.values()]
+    handles = []
+    try:
+        for config in configs.values():
+            # the private field behind the ``_attn_implementation`` property: its setter would also
+            # rewrite sub-configs, which the attention modules of a vision tower do not read
+            config._attn_implementation_internal = "eager"
+        for name, module in hooked:
+            def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
+                     module: nn.Module = module) -> None:
+                weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                if not isinstance(weights, torch.Tensor):
+                    raise ExplainError(f"{name} ({type(module).__name__}) returned no attention weights on its "
+                                       "eager path; this transformers version is not supported for attention methods.")
+                on_record(name, module, weights)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for config, previous in saved:
+            config._attn_implementation_internal = previous
