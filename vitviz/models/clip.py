@@ -191,9 +191,9 @@ def load_open_clip(arch: str, *, pretrained: str | os.PathLike | None = None, pr
     bias = getattr(model, "logit_bias", None)
     classifier = PromptClassifier(
         model.visual, encode_text, list(prompts) if prompts is not None else list(DEFAULT_PROMPTS),
-        logit_scale=float(model.logit_scale.exp()), logit_bias=None if bias is None else float(bias),
+        logit_scale=model.logit_scale.detach().exp().item(), logit_bias=None if bias is None else bias.detach().item(),
         preprocessing=preprocessing, source=f"open_clip:{arch}" + (f":{tag}" if tag else ""), text_model=model)
-    return classifier
+    return classifier.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,4 +213,4 @@ def hf_text_encoder(hf: nn.Module, tokenizer: Any) -> tuple[TextEncoder, float, 
         return projection(out) if projection is not None else out  # (P, E)
 
     bias = getattr(hf, "logit_bias", None)
-    return encode_text, float(hf.logit_scale.exp()), None if bias is None else float(bias)
+    return encode_text, hf.logit_scale.detach().exp().item(), None if bias is None else bias.detach().item()

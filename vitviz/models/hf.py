@@ -179,12 +179,12 @@ def load_hf_model(source: str | os.PathLike, *, prompts: Sequence[str] | None = 
     output = _output_kind(hf, config)
     model = HFImageModel(hf, source=source, output=output, preprocessing=_preprocessing(transformers, where, config))
     if prompts is None:
-        return model
+        return model.eval()
     from vitviz.models.clip import PromptClassifier, hf_text_encoder
 
     encode_text, scale, bias = hf_text_encoder(hf, _tokenizer(transformers, where, source, offline))
     return PromptClassifier(model, encode_text, list(prompts), logit_scale=scale, logit_bias=bias,
-                            preprocessing=model.preprocessing, source=f"hf:{source}")
+                            preprocessing=model.preprocessing, source=f"hf:{source}").eval()
 
 
 def _transformers() -> Any:
@@ -207,7 +207,9 @@ def _config(transformers: Any, where: str, source: str, offline: bool) -> Any:
         return transformers.AutoConfig.from_pretrained(where, **({"local_files_only": True} if offline else {}))
     except OSError as err:
         raise _unavailable(source, err) from err
-    except ValueError as err:  # a config.json of a model type this transformers does not know
+    except ValueError as err:  # no model_type, or a type this transformers does not know
+        if Path(where).is_dir():
+            raise _unavailable(source, err) from err
         raise ConfigError(f"hf:{source}: {err}") from err
 
 

@@ -1,0 +1,244 @@
+"""Hugging Face image models through ``create_model("hf:<folder>")``: tiny random configs saved into a temporary
+folder and loaded back (no network), checked against the models' own eager ``output_attentions``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+from test_adapters_vit import naive_rollout_row
+
+import vitviz
+from vitviz.errors import ConfigError, ExplainError, WeightsUnavailableError
+from vitviz.explain import adapter_for, capture_attention, explain, explain_details
+from vitviz.explain.adapters.hf_swin import HFSwin
+from vitviz.explain.adapters.hf_vit import HFViT
+from vitviz.models.hf import HFImageModel, hf_advice
+
+VIT_KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+              patch_size=8)
+
+
+def _token(out, prefix, n):  # the class token
+    w = torch.zeros(out.attentions[0].shape[0], n)
+    w[:, 0] = 1
+    return w
+
+
+def _dist(out, prefix, n):  # class and distillation token averaged
+    w = torch.zeros(out.attentions[0].shape[0], n)
+    w[:, :2] = 0.5
+    return w
+
+
+def _patch_mean(out, prefix, n):
+    w = torch.zeros(out.attentions[0].shape[0], n)
+    w[:, prefix:] = 1 / (n - prefix)
+    return w
+
+
+def _cls_and_mean(out, prefix, n):  # Dinov2ForImageClassification: [class token, patch mean]
+    return 0.5 * _token(out, prefix, n) + 0.5 * _patch_mean(out, prefix, n)
+
+
+def _siglip_pool(model):
+    def readout(out, prefix, n):
+        head = model.head
+        lhs = out.last_hidden_state  # (B, N, D): what the pooling head reads
+        _, w = head.attention(head.probe.expand(lhs.shape[0], -1, -1), lhs, lhs, need_weights=True)
+        return w[:, 0]
+
+    return readout
+
+
+# name -> (config class, model class, config overrides, hand-written readout, prefix tokens, has a classifier)
+ARCHS = {
+    "vit": (T.ViTConfig, T.ViTForImageClassification, {}, _token, 1, True),
+    "deit": (T.DeiTConfig, T.DeiTForImageClassificationWithTeacher, {}, _dist, 2, True),
+    "beit": (T.BeitConfig, T.BeitForImageClassification, {}, _patch_mean, 1, True),
+    "dinov2": (T.Dinov2Config, T.Dinov2ForImageClassification, {}, _cls_and_mean, 1, True),
+    "dinov2-reg": (T.Dinov2WithRegistersConfig, T.Dinov2WithRegistersModel, {"num_register_tokens": 2}, _token, 3,
+                   False),
+    "clip": (T.CLIPVisionConfig, T.CLIPVisionModel, {}, _token, 1, False),
+    "siglip": (T.SiglipVisionConfig, T.SiglipVisionModel, {}, None, 0, False),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, str]:
+    """Each architecture saved with save_pretrained (random weights, 3 classes where it has a head)."""
+    out = {}
+    for i, (name, (config_cls, model_cls, extra, *_)) in enumerate(ARCHS.items()):
+        torch.manual_seed(i)
+        folder = tmp_path_factory.mktemp(name)
+        model_cls(config_cls(**VIT_KW, **extra, num_labels=3)).save_pretrained(folder)
+        out[name] = str(folder)
+    torch.manual_seed(9)
+    folder = tmp_path_factory.mktemp("swin")
+    T.SwinForImageClassification(T.SwinConfig(embed_dim=16, depths=[2, 2], num_heads=[2, 2], image_size=32,
+                                              patch_size=4, window_size=4, num_labels=3)).save_pretrained(folder)
+    out["swin"] = str(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _eager(folder: str):
+    """The same folder loaded straight with transformers on its eager path: the reference."""
+    config = T.AutoConfig.from_pretrained(folder)
+    cls = getattr(T, config.architectures[0])
+    return cls.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_rollout_equals_the_models_own_eager_attentions(folders, x, name):
+    *_, readout, prefix, has_head = ARCHS[name]
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    assert isinstance(model, HFImageModel) and isinstance(adapter_for(model), HFViT)
+    assert model.hf.config._attn_implementation == "sdpa"  # loaded as transformers chose
+    ref = _eager(folders[name])
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_attentions=True, output_hidden_states=True)
+    attentions = list(out.attentions)
+    assert len(attentions) == 3
+    n = attentions[0].shape[-1]
+    assert n == prefix + 16
+    w = (_siglip_pool(ref) if readout is None else readout)(out, prefix, n)
+    expected = naive_rollout_row(attentions, w)[:, prefix:].reshape(2, 4, 4)
+    got = explain_details(model, x, "rollout", upsample=False)
+    torch.testing.assert_close(got.grid_maps.double(), expected, atol=1e-6, rtol=1e-4)
+    # the logits of that same pass are the model's own
+    torch.testing.assert_close(got.logits, out.logits if has_head else out.pooler_output.flatten(1),
+                               atol=1e-5, rtol=1e-5)
+    # the recorded weights are the model's eager weights, layer by layer
+    cap = capture_attention(model, x)
+    for mine, theirs in zip(cap.attentions, attentions, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+    assert model.hf.config._attn_implementation == "sdpa"  # SDPA back for every other call
+
+
+@pytest.mark.parametrize("name", [n for n, spec in ARCHS.items() if spec[-1]])
+def test_class_specific_maps_are_not_constant_and_differ_by_class(folders, x, name):
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    for method in ("chefer", "gradcam", "grad-rollout"):
+        maps = [explain(model, x, method, target=t) for t in (0, 1)]
+        for m in maps:
+            assert torch.isfinite(m).all()
+            assert float(m.flatten(1).std(1).min()) > 1e-3, method
+        assert not torch.allclose(maps[0], maps[1]), method
+
+
+@pytest.mark.parametrize("name", [n for n, spec in ARCHS.items() if not spec[-1]])
+def test_towers_without_a_classifier_get_class_agnostic_maps(folders, x, name):
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    assert not model.has_head and model.num_classes == 0
+    for method in ("attention", "rollout", "similarity"):
+        assert float(explain(model, x, method).flatten(1).std(1).min()) > 1e-3
+    with pytest.raises(ExplainError, match="no classifier head"):
+        explain(model, x, "chefer")
+
+
+def test_swin_records_its_windows_and_refuses_rollout_across_stages(folders, x):
+    model = vitviz.create_model(f"hf:{folders['swin']}")
+    assert isinstance(adapter_for(model), HFSwin)
+    ref = _eager(folders["swin"])
+    with torch.no_grad():
+        out = ref(pixel_values=x, output_attentions=True)
+    logits, rec = adapter_for(model).record_forward(x)
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+    assert [r.stage for r in rec.records] == [0, 0, 1, 1]
+    assert [r.queries.grid for r in rec.records] == [(8, 8), (8, 8), (4, 4), (4, 4)]
+    # transformers returns the last block's attention of each stage: ours are the same weights
+    for stage, theirs in enumerate(out.attentions):
+        torch.testing.assert_close([r for r in rec.records if r.stage == stage][-1].weights, theirs)
+    # densified on the grid, every query's row sums to one (no padding here) and stays inside its window
+    dense = rec.records[0].dense().mean(1)  # (B, 64, 64)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(2, 64))
+    assert (dense[:, 0].reshape(2, 8, 8)[:, 4:, :] == 0).all()  # token (0, 0) sees only its 4x4 window
+    with pytest.raises(ExplainError, match="between stages"):
+        explain(model, x, "rollout")
+    assert float(explain(model, x, "gradcam", target=2).flatten(1).std(1).min()) > 1e-3
+    assert model.hf.config._attn_implementation == "sdpa"
+
+
+def test_an_error_inside_a_recorded_call_restores_sdpa(folders, x):
+    model = vitviz.create_model(f"hf:{folders['vit']}")
+    with pytest.raises(RuntimeError, match="boom"), adapter_for(model).recording(32, 32):
+        assert model.hf.config._attn_implementation == "eager"
+        raise RuntimeError("boom")
+    assert model.hf.config._attn_implementation == "sdpa"
+
+
+def test_preprocessing_comes_from_the_folders_processor_config(folders, tmp_path):
+    config = T.ViTConfig(**VIT_KW, num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    T.ViTForImageClassification(config).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "size": {"height": 32, "width": 32}}))
+    model = vitviz.create_model(f"hf:{tmp_path}")
+    assert model.preprocessing == {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "img_size": 32}
+    assert model.class_names == ("cat", "dog")
+    # without the file, the defaults of its model type (ViT checkpoints normalise with 0.5)
+    assert vitviz.create_model(f"hf:{folders['vit']}").preprocessing["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_random_weights_and_config_overrides(folders, x):
+    a = vitviz.create_model(f"hf:{folders['vit']}")
+    b = vitviz.create_model(f"hf:{folders['vit']}", pretrained=False)
+    assert not torch.allclose(a(x), b(x))  # the folder's weights are not the fresh random ones
+    eager = vitviz.create_model(f"hf:{folders['vit']}", attn_implementation="eager")
+    assert eager.hf.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager(x), a(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_sources_are_refused_with_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="no such folder"):
+        vitviz.create_model(f"hf:{tmp_path / 'nothing'}")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        vitviz.create_model(f"hf:{tmp_path / 'file.txt'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="without a loadable model"):
+        vitviz.create_model(f"hf:{empty}")
+    resnet = tmp_path / "resnet"
+    T.ResNetModel(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1])).save_pretrained(resnet)
+    with pytest.raises(ConfigError, match="'resnet' model.*DINOv2"):
+        vitviz.create_model(f"hf:{resnet}")
+    T.ViTModel(T.ViTConfig(**VIT_KW)).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="prompts need a CLIP or SigLIP"):
+        vitviz.create_model(f"hf:{tmp_path / 'vit'}", prompts=["a dog"])
+
+
+def _fake_hub_cache(root, repo: str, folder) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    import shutil
+
+    commit = "0" * 40
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, base / "snapshots" / commit)
+
+
+def test_hub_ids_load_from_the_local_cache_offline_and_advise_when_missing(folders, x, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    # transformers / huggingface_hub read these at import: point their module constants at the test's cache too
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    _fake_hub_cache(tmp_path, "someone/tiny-vit", folders["vit"])
+    model = vitviz.create_model("hf:someone/tiny-vit")
+    torch.testing.assert_close(model(x), vitviz.create_model(f"hf:{folders['vit']}")(x))
+    with pytest.raises(WeightsUnavailableError) as err:
+        vitviz.create_model("hf:google/vit-base-patch16-224")
+    assert "huggingface-cli download google/vit-base-patch16-224" in str(err.value)
+    assert err.value.hub_id == "google/vit-base-patch16-224"
+    assert "--model hf:" in hf_advice("google/vit-base-patch16-224", "cli")
+    assert "sidebar" in hf_advice("google/vit-base-patch16-224", "dashboard")
