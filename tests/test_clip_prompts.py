@@ -181,3 +181,25 @@ def test_a_hugging_face_clip_with_prompts_explains_its_own_logits(tmp_path, x):
         torch.testing.assert_close(tower(x), ref.get_image_features(pixel_values=x).pooler_output
                                    if hasattr(ref.get_image_features(pixel_values=x), "pooler_output")
                                    else ref.get_image_features(pixel_values=x), atol=1e-5, rtol=1e-5)
+
+
+# --- the CLI --------------------------------------------------------------------------------------------
+
+def test_cli_explains_a_prompt_and_lists_prompt_probabilities(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vitviz.explain.cli import main
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 80, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "map.png"
+    args = [str(tmp_path / "a.png"), "--model", "open_clip:ViT-B-32", "--method", "gradcam", "--out", str(out)]
+    prompts = ["--prompt", "a dog", "--prompt", "a red car"]
+    assert main(args + prompts) == 2
+    assert "needs weights: --pretrained TAG" in capsys.readouterr().err
+    assert main(args + ["--random-weights", "--prompt", "a dog", "--prompt", "a dog"]) == 2
+    assert "repeated: a dog" in capsys.readouterr().err
+    assert main(args + prompts + ["--random-weights", "--target", "a red car"]) == 0
+    text = capsys.readouterr().out
+    assert "a dog" in text and "explained class: a red car (index 1)" in text
+    assert out.is_file() and np.load(out.with_suffix(".npy")).shape == (224, 224)

@@ -242,3 +242,23 @@ def test_hub_ids_load_from_the_local_cache_offline_and_advise_when_missing(folde
     assert err.value.hub_id == "google/vit-base-patch16-224"
     assert "--model hf:" in hf_advice("google/vit-base-patch16-224", "cli")
     assert "sidebar" in hf_advice("google/vit-base-patch16-224", "dashboard")
+
+
+def test_cli_explains_an_hf_folder_with_its_class_names(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from vitviz.explain.cli import main
+
+    config = T.ViTConfig(**VIT_KW, num_labels=2, id2label={0: "cat", 1: "dog"}, label2id={"cat": 0, "dog": 1})
+    T.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "map.png"
+    code = main([str(tmp_path / "a.png"), "--model", f"hf:{tmp_path / 'vit'}", "--method", "chefer", "--target",
+                 "dog", "--out", str(out)])
+    assert code == 0
+    assert "explained class: dog (index 1)" in capsys.readouterr().out
+    assert np.load(out.with_suffix(".npy")).shape == (32, 32)
+    assert main([str(tmp_path / "a.png"), "--model", f"hf:{tmp_path / 'vit'}", "--pretrained", "openai", "--out",
+                 str(out)]) == 2
+    assert "--pretrained TAG is for open_clip" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``vitviz explain``: a saliency overlay PNG and the raw map (.npy) for one image, plus top-5 predictions.
 
-    vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME [--pretrained-file F | --random-weights]) --method M
+    vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME | hf:ID | open_clip:ARCH
+        [--pretrained-file F | --pretrained TAG | --random-weights] [--prompt TEXT ...]) --method M
         [--layer L --head H --fusion F --discard-ratio R --start-layer S --target C --query ROW,COL]
         --out map.png
 
@@ -19,10 +20,14 @@ from typing import Any
 import numpy as np
 
 from vitviz.errors import ExplainError, VitvizError, WeightsUnavailableError
+from vitviz.explain.registry import method_names, registry
 
 __all__ = ["add_parser", "build_parser", "main", "run"]
 
-_METHODS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")  # = vitviz.explain.METHODS
+_METHODS = method_names()  # = vitviz.explain.METHODS, read from the one registry
+# Flags with a name of their own; every other method parameter goes through --param KEY=VALUE.
+_FLAGS = {"layer": "--layer", "head": "--head", "head_fusion": "--fusion", "discard_ratio": "--discard-ratio",
+          "start_layer": "--start-layer", "target": "--target", "query": "--query"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,14 +51,19 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="image file (PNG, JPEG, WebP, BMP, GIF, TIFF)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a vitviz checkpoint (.safetensors)")
-    src.add_argument("--model", metavar="timm:NAME",
+    src.add_argument("--model", metavar="timm:NAME|hf:ID|open_clip:ARCH",
                      help="any timm model, e.g. timm:vit_base_patch16_224.augreg2_in21k_ft_in1k (pretrained "
                           "weights from --pretrained-file, the local cache or the Hub; `vitviz models --pretrained` "
-                          "lists some)")
-    p.add_argument("--pretrained-file", metavar="F", help="safetensors weights for --model timm:NAME")
+                          "lists some); a Hugging Face model, hf:google/vit-base-patch16-224 or hf:FOLDER; or a "
+                          "CLIP, open_clip:ViT-B-32 --pretrained openai --prompt 'a dog' --prompt 'a cat'")
+    p.add_argument("--pretrained-file", metavar="F",
+                   help="safetensors weights for --model timm:NAME or open_clip:ARCH")
+    p.add_argument("--pretrained", metavar="TAG", help="open_clip weights tag, e.g. openai or laion2b_s34b_b79k")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a CLIP class, as text (repeat for several); --target may name one")
     p.add_argument("--random-weights", action="store_true",
-                   help="--model timm:NAME with random weights: explore the architecture, download nothing")
-    p.add_argument("--method", default="rollout", choices=_METHODS, help="explanation method (default: rollout)")
+                   help="--model with random weights: explore the architecture, download nothing")
+    p.add_argument("--method", default="rollout", choices=_METHODS, metavar="M", help=_method_help())
     p.add_argument("--layer", type=int, help="attention: layer (default -1); gradcam: ViT block whose tokens to use")
     p.add_argument("--head", help="attention: head index, or mean/max/min (default: mean)")
     p.add_argument("--fusion", choices=("mean", "max", "min"), help="rollout: head fusion (default: mean)")
@@ -62,12 +72,21 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="class index or name to explain (default: the predicted class)")
     p.add_argument("--query", metavar="ROW,COL",
                    help="attention: query patch (default: what the head reads); similarity: the cell to compare")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other parameter of the method, e.g. n_masks=500 (rise), steps=32 "
+                        "(integrated-gradients), window=16 (occlusion); repeat for several")
     p.add_argument("--out", required=True, metavar="PNG", help="overlay PNG to write; the map goes to .npy beside it")
     p.add_argument("--opacity", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
     p.add_argument("--colormap", default="jet", help="jet, viridis, inferno or gray (default: jet)")
     p.add_argument("--scale", type=int, help="enlarge the PNG by this factor (default: to about 224 px)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.set_defaults(func=run)
+
+
+def _method_help() -> str:
+    """The registry's methods with their labels; parameters and costs are in vitviz.explain.registry."""
+    listed = "; ".join(f"{name} ({m.label})" for name, m in registry().items())
+    return f"explanation method (default: rollout): {listed}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,17 +156,36 @@ def _method_params(args: argparse.Namespace, accepted: dict[str, Any]) -> dict[s
         "target": args.target,
         "query": _query(args.query),
     }
-    flags = {"head_fusion": "--fusion", "discard_ratio": "--discard-ratio", "start_layer": "--start-layer"}
     params = {}
     for key, value in given.items():
         if value is None:
             continue
         if key not in accepted:
-            flag = flags.get(key, f"--{key}")
-            takes = ", ".join(flags.get(k, f"--{k}") for k in accepted) or "no options"
-            raise ExplainError(f"{flag} does not apply to --method {args.method} (it takes {takes}).")
+            takes = ", ".join(_FLAGS.get(k, f"--param {k}=...") for k in accepted) or "no options"
+            raise ExplainError(f"{_FLAGS.get(key, key)} does not apply to --method {args.method} (it takes {takes}).")
         params[key] = value
+    for item in getattr(args, "param", None) or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ExplainError(f"--param takes KEY=VALUE, got {item!r}.")
+        if key not in accepted:
+            raise ExplainError(f"--method {args.method} takes no parameter {key!r}; it takes "
+                               f"{', '.join(accepted) or 'no parameters'}.")
+        if key in _FLAGS:
+            raise ExplainError(f"give {key} with {_FLAGS[key]}, not --param.")
+        params[key] = _literal(text.strip())
     return params
+
+
+def _literal(text: str) -> Any:
+    """A --param value: a Python literal (3, 0.5, (16, 16), None, 'pos') or else the text itself."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _head(value: str | None) -> int | str | None:
@@ -200,14 +238,20 @@ def _load_model(args: argparse.Namespace):
     from vitviz.models.timm_interop import timm_preprocessing
 
     name = args.model
+    if args.random_weights and (args.pretrained_file or args.pretrained):
+        flag = "--pretrained-file" if args.pretrained_file else "--pretrained"
+        raise ExplainError(f"--random-weights and {flag} contradict each other; give one.")
+    if name.startswith(("hf:", "open_clip:")):
+        return _load_other(args, name)
+    if args.prompt or args.pretrained:
+        flag = "--prompt" if args.prompt else "--pretrained"
+        raise ExplainError(f"{flag} goes with a CLIP model (--model open_clip:ARCH or an hf: CLIP), not {name}.")
     if not name.startswith("timm:"):
         raise ExplainError(
-            f"--model {name!r}: give a timm model as timm:NAME (e.g. timm:vit_base_patch16_224), "
-            "or a trained vitviz model with --checkpoint PATH."
+            f"--model {name!r}: give a timm model as timm:NAME (e.g. timm:vit_base_patch16_224), a Hugging Face "
+            "model as hf:ID or hf:FOLDER, a CLIP as open_clip:ARCH, or a trained vitviz model with --checkpoint PATH."
         )
     bare = name.removeprefix("timm:")
-    if args.random_weights and args.pretrained_file:
-        raise ExplainError("--random-weights and --pretrained-file contradict each other; give one.")
     try:
         model = vitviz.create_model(name, pretrained=not args.random_weights and args.pretrained_file is None,
                                     pretrained_file=args.pretrained_file,
@@ -237,6 +281,51 @@ def _load_model(args: argparse.Namespace):
             names = None
     img_size = getattr(getattr(model, "vit_config", None), "img_size", None) or pre["img_size"]
     return model, img_size, pre["mean"], pre["std"], names
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _load_other(args: argparse.Namespace, name: str):
+    """``hf:`` and ``open_clip:`` models: (model, input size, mean, std, class names or prompts)."""
+    import vitviz
+
+    clip = name.startswith("open_clip:")
+    if args.pretrained and not clip:
+        raise ExplainError("--pretrained TAG is for open_clip:ARCH; an hf: model loads its own weights.")
+    if args.pretrained_file and not clip:
+        raise ExplainError("--pretrained-file is for timm: and open_clip: models; give the hf: folder instead.")
+    if clip and not (args.pretrained or args.pretrained_file or args.random_weights):
+        raise ExplainError(f"{name} needs weights: --pretrained TAG (e.g. openai), --pretrained-file F, or "
+                           "--random-weights to explore the architecture.")
+    kwargs: dict[str, Any] = {"prompts": args.prompt, "progress": lambda msg: print(msg, file=sys.stderr)}
+    if clip:
+        kwargs.update(pretrained=args.pretrained, pretrained_file=args.pretrained_file)
+    else:
+        kwargs["pretrained"] = not args.random_weights
+    try:
+        model = vitviz.create_model(name, **kwargs)
+    except WeightsUnavailableError as err:
+        if clip:
+            from vitviz.models.clip import open_clip_advice
+
+            advice = open_clip_advice(name.removeprefix("open_clip:"), args.pretrained or "", "cli")
+        else:
+            from vitviz.models.hf import hf_advice
+
+            advice = hf_advice(name.removeprefix("hf:"), "cli")
+        raise WeightsUnavailableError(f"{name}: the weights are not here and cannot be downloaded now. {advice} "
+                                      "Or pass --random-weights to explore the architecture.",
+                                      model_name=name, hub_id=getattr(err, "hub_id", None)) from err
+    model = model.to(_device(args.device)).eval()
+    pre = model.preprocessing
+    names = list(model.class_names) or None
+    return model, pre["img_size"], pre["mean"], pre["std"], names
 
 
 def _print_top5(probs, names: list[str] | None, target) -> None:
