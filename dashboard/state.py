@@ -151,6 +151,84 @@ def _load_timm(name: str, pretrained: bool, pretrained_file: str | None, device:
     return Loaded(model.to(device).eval(), info, device)
 
 
+def _remembered(args: tuple, load: Any) -> Loaded:
+    """``load(*args)``; a failure is remembered for :data:`TIMM_RETRY_S` so an offline machine is not re-probed."""
+    import time
+
+    failed = _TIMM_FAILURES.get(args)
+    if failed is not None and time.monotonic() - failed[0] < TIMM_RETRY_S:
+        raise failed[1]
+    try:
+        return load(*args)
+    except Exception as err:
+        _TIMM_FAILURES[args] = (time.monotonic(), err)
+        raise
+
+
+def _other_info(model: Any, key: str, label: str, source: str) -> ds.ModelInfo:
+    """A :class:`ModelInfo` for an ``hf:`` or ``open_clip:`` model, from the model's own preprocessing and classes."""
+    from vitviz.explain import adapter_for, has_attention
+    from vitviz.models.clip import PromptClassifier
+
+    adapter = adapter_for(model)
+    pre = model.preprocessing
+    n = int(getattr(model, "num_classes", 0) or 0)
+    names = tuple(model.class_names) or tuple(f"class {i}" for i in range(n))
+    return ds.ModelInfo(key=key, label=label, source=source, family=adapter.family, img_size=int(pre["img_size"]),
+                        mean=tuple(pre["mean"]), std=tuple(pre["std"]), class_names=names,
+                        has_head=adapter.has_head, token_attention=has_attention(model),
+                        prompts=isinstance(model, PromptClassifier))
+
+
+def load_hf(source: str, pretrained: bool, device: str) -> Loaded:
+    """``hf:<hub id or folder>`` (its own weights, or random ones from its config); failures remembered a minute."""
+    return _remembered(("hf", source, pretrained, device), _load_hf)
+
+
+@st.cache_resource(show_spinner="Loading the Hugging Face model (downloaded on first use when online)…",
+                   max_entries=4)
+def _load_hf(_kind: str, source: str, pretrained: bool, device: str) -> Loaded:
+    import vitviz
+
+    model = vitviz.create_model(f"hf:{source}", pretrained=pretrained,
+                                progress=logging.getLogger("vitviz.dashboard").info)
+    weights = "" if pretrained else " (random weights)"
+    info = _other_info(model, f"hf:{source}:{pretrained}", f"hf:{source}{weights}", "hf")
+    return Loaded(model.to(device).eval(), info, device)
+
+
+def load_clip(arch: str, tag: str | None, weights_file: str | None, device: str) -> Loaded:
+    """``open_clip:<arch>`` with a weights tag, a file, or (neither) random weights; prompts come separately."""
+    return _remembered(("clip", arch, tag, weights_file, device), _load_clip)
+
+
+@st.cache_resource(show_spinner="Building the CLIP model (weights download on first use when online)…",
+                   max_entries=2)
+def _load_clip(_kind: str, arch: str, tag: str | None, weights_file: str | None, device: str) -> Loaded:
+    import vitviz
+
+    model = vitviz.create_model(f"open_clip:{arch}", pretrained=tag, pretrained_file=weights_file,
+                                progress=logging.getLogger("vitviz.dashboard").info)
+    weights = weights_file or tag or "random weights"
+    info = _other_info(model, f"open_clip:{arch}:{weights}", f"open_clip:{arch} ({weights})", "clip")
+    return Loaded(model.to(device).eval(), info, device)
+
+
+@st.cache_resource(show_spinner="Encoding the prompts…", max_entries=16)
+def with_prompts(base_key: str, prompts: tuple[str, ...], _base: Loaded) -> Loaded:
+    """The CLIP of ``_base`` classifying ``prompts``: shares its weights, so only the texts are encoded.
+
+    The key carries the prompts, so predictions and maps cached for other prompts are never reused.
+    """
+    from vitviz.models.clip import PromptClassifier
+    from vitviz.models.hf import with_prompts as hf_with_prompts
+
+    model = _base.model
+    clip = model.with_prompts(prompts) if isinstance(model, PromptClassifier) else hf_with_prompts(model, prompts)
+    info = _other_info(clip, f"{base_key}|{'|'.join(prompts)}", _base.info.label, _base.info.source)
+    return Loaded(clip.to(_base.device).eval(), info, _base.device)
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def feature_pca(model_key: str, image_key: str, _subject: Subject) -> np.ndarray:
     """The first three principal components of the last layer's cell features as RGB (h, w, 3) in [0, 1]."""

@@ -20,13 +20,16 @@ log = logging.getLogger("vitviz.dashboard")
 
 MODEL_KEY = "vitviz.loaded"  # session_state: the Loaded model of the sidebar, or None
 PROBLEM_KEY = "vitviz.model_problem"  # session_state: why the sidebar's model could not be loaded, or None
-SOURCES = ("Shipped", "Folder", "timm")
+SOURCES = ("Shipped", "Folder", "timm", "Hugging Face", "CLIP")
 SOURCE_HELP = {
     "Shipped": "Checkpoints trained by vitviz and shipped in checkpoints/.",
     "Folder": "Any folder of .safetensors checkpoints written by vitviz.",
     "timm": "Any timm ViT or ResNet by name, with pretrained weights when they can be had.",
+    "Hugging Face": "A transformers image model (ViT, DeiT, BEiT, DINOv2, Swin, CLIP, SigLIP) by hub id or folder.",
+    "CLIP": "An open_clip CLIP whose classes are prompts you type.",
 }
 DEFAULT_TIMM = "vit_tiny_patch16_224"
+DEFAULT_CLIP = "ViT-B-32"
 
 
 @contextlib.contextmanager
@@ -74,7 +77,8 @@ def sidebar() -> state.Loaded | None:
             "Source", SOURCES, default="Shipped", key="model_source", required=True, persist_state="session",
             label_visibility="collapsed", help=" · ".join(f"**{k}**: {v}" for k, v in SOURCE_HELP.items()))
         try:
-            loaded = _timm_picker(device) if source == "timm" else _checkpoint_picker(source, device)
+            pickers = {"timm": _timm_picker, "Hugging Face": _hf_picker, "CLIP": _clip_picker}
+            loaded = pickers[source](device) if source in pickers else _checkpoint_picker(source, device)
         except VitvizError as err:
             problem = err
             st.caption(":red[:material/error: This model cannot be loaded; the page says why.]")
@@ -170,6 +174,61 @@ def _timm_picker(device: str) -> state.Loaded | None:
     return state.load_timm(name, bool(pretrained), os.path.expanduser(weights) if weights else None, device)
 
 
+def _hf_picker(device: str) -> state.Loaded | None:
+    from vitviz.models.hf import is_dual
+
+    source = st.text_input(
+        "Hugging Face model", key="hf_source", persist_state="session",
+        placeholder="google/vit-base-patch16-224 or a folder",
+        help="A hub id (downloaded on first use when online, then read from the local cache) or a local folder "
+             "saved with save_pretrained: ViT, DeiT, BEiT, DINOv2, Swin, CLIP or SigLIP.")
+    pretrained = st.toggle("Pretrained weights", value=True, key="hf_pretrained", persist_state="session",
+                           help="Off: random weights from the model's config, to explore the architecture.")
+    source = source.strip()
+    if not source:
+        st.caption("Type a hub id or a folder path and press Enter.")
+        return None
+    local = os.path.expanduser(source)
+    base = state.load_hf(local if os.path.exists(local) else source, bool(pretrained), device)
+    if not is_dual(base.model):
+        return base
+    return state.with_prompts(base.key, _prompts_field("hf_prompts"), base)
+
+
+def _clip_picker(device: str) -> state.Loaded | None:
+    arch = st.text_input("open_clip model", value=DEFAULT_CLIP, key="clip_arch", persist_state="session",
+                         help="Any name of open_clip.list_models(), e.g. ViT-B-32, ViT-B-16, ViT-L-14.").strip()
+    pretrained = st.toggle("Pretrained weights", value=True, key="clip_pretrained", persist_state="session",
+                           help="Off: random weights, to explore the architecture without downloading anything.")
+    tag = st.text_input("Weights tag", value="openai", key="clip_tag", persist_state="session",
+                        disabled=not pretrained,
+                        help="open_clip's name for the weights, e.g. openai, laion2b_s34b_b79k.").strip()
+    weights = st.text_input("Weights file (optional)", key="clip_weights", persist_state="session",
+                            placeholder="open_clip_model.safetensors",
+                            help="The weights file from the Hugging Face Hub, for machines offline.").strip()
+    prompts = _prompts_field("clip_prompts")
+    if not arch:
+        return None
+    if weights and not os.path.isfile(os.path.expanduser(weights)):
+        st.error(f"No such weights file: {weights}")
+        return None
+    base = state.load_clip(arch, (tag or None) if pretrained and not weights else None,
+                           os.path.expanduser(weights) if pretrained and weights else None, device)
+    return state.with_prompts(base.key, prompts, base)
+
+
+def _prompts_field(key: str) -> tuple[str, ...]:
+    """The sidebar's prompts, one class per line; a ConfigError (shown in the page) names the field."""
+    from vitviz.models.clip import DEFAULT_PROMPTS, check_prompts
+
+    text = st.text_area("Prompts, one class per line", value="\n".join(DEFAULT_PROMPTS), key=key,
+                        persist_state="session", height=110,
+                        help="Each line is a class: the model scores the image against every prompt, and the "
+                             "maps show where each prompt is seen.")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return tuple(check_prompts(lines, where="Prompts (sidebar)"))
+
+
 def _model_card(loaded: state.Loaded) -> None:
     info = loaded.info
     n = len(info.class_names)
@@ -201,11 +260,8 @@ def show_problem(err: BaseException) -> None:
     if isinstance(err, WeightsUnavailableError):
         name = getattr(err, "model_name", None)
         advice = str(err)
-        if name:
-            from vitviz.models.pretrained import weights_advice
-
-            with contextlib.suppress(VitvizError):  # an odd name: keep the error's own advice
-                advice = weights_advice(name, "dashboard")
+        with contextlib.suppress(VitvizError):  # an odd name: keep the error's own advice
+            advice = _dashboard_advice(name) or advice
         st.warning(f"**Pretrained weights for {name or 'this model'} are not on this machine, and the Hugging Face "
                    f"Hub cannot be reached.** {advice}", icon=":material/cloud_off:")
         st.info("Or switch *Pretrained weights* off in the sidebar to explore the architecture with random weights.")
@@ -213,6 +269,24 @@ def show_problem(err: BaseException) -> None:
         st.error(str(err))
     else:
         st.error(f"Something went wrong: {type(err).__name__}: {err}")
+
+
+def _dashboard_advice(name: str | None) -> str | None:
+    """How to supply ``name``'s weights offline, in the sidebar's words."""
+    if not name:
+        return None
+    if name.startswith("hf:"):
+        from vitviz.models.hf import hf_advice
+
+        return hf_advice(name.removeprefix("hf:"), "dashboard")
+    if name.startswith("open_clip:"):
+        from vitviz.models.clip import open_clip_advice
+
+        tag = str(st.session_state.get("clip_tag") or "")
+        return open_clip_advice(name.removeprefix("open_clip:"), tag, "dashboard")
+    from vitviz.models.pretrained import weights_advice
+
+    return weights_advice(name, "dashboard")
 
 
 def family_badge(info: ds.ModelInfo) -> str:

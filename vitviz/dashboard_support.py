@@ -101,6 +101,7 @@ class ModelInfo:
     train_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     has_head: bool = True  # False for a headless model (DINOv2, CLIP towers, num_classes=0): it returns features
     token_attention: bool | None = None  # whether attention can be recorded; None: decided by the family
+    prompts: bool = False  # True for a CLIP over typed prompts: the classes are the user's texts
 
     @property
     def family_label(self) -> str:

@@ -56,8 +56,11 @@ def show_prediction(subject: state.Subject, probs) -> None:
                    "with num_classes=0): it predicts nothing. Its attention, rollout, feature similarity and the "
                    "principal components of its features show what it sees.")
         return
-    top = ds.topk(probs, info.class_names, k=5)
-    st.markdown("##### Prediction")
+    top = ds.topk(probs, info.class_names, k=min(len(info.class_names), 10) if info.prompts else 5)
+    st.markdown("##### Prompt probabilities" if info.prompts else "##### Prediction")
+    if info.prompts:
+        st.caption("Softmax over the image's similarity to each prompt: CLIP's zero-shot scores. They are "
+                   "relative to the prompts you typed; add a prompt and they all change.")
     for name, p, _ in top:
         st.progress(min(max(p, 0.0), 1.0), text=f"**{name}** — {100 * p:.1f} %")
     if pic.label is not None and pic.label in info.class_names:
@@ -81,6 +84,25 @@ def explanation_section(subject: state.Subject, probs) -> None:
     st.caption(METHOD_NOTES.get(method, ""))
     emap = state.explanation(*subject.key, method, ds.params_key(kwargs), subject, kwargs)
     overlay_display(subject, method, ds.params_key(kwargs), emap)
+    if subject.info.prompts and "target" in kwargs and st.toggle(
+            "A map for every prompt", key="every_prompt",
+            help="The same method explaining each prompt's similarity in turn: where each one is seen."):
+        prompt_maps(subject, method, kwargs)
+
+
+def prompt_maps(subject: state.Subject, method: str, kwargs: dict) -> None:
+    """One small overlay per prompt (the method's target set to that prompt), three to a row."""
+    from vitviz.plots.explain import overlay_figure
+
+    names = subject.info.class_names
+    cols = st.columns(min(3, len(names)))
+    for i, name in enumerate(names):
+        params = {**kwargs, "target": i}
+        emap = state.explanation(*subject.key, method, ds.params_key(params), subject, params)
+        fig = overlay_figure(subject.fitted_array, emap, opacity=0.5, point=ds.peak(emap), title=name)
+        fig.update_layout(height=260)
+        with cols[i % len(cols)]:
+            st.plotly_chart(fig, key=f"prompt_map_{i}", config={"displayModeBar": False})
 
 
 @ui.fragment("the overlay")

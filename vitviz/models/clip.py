@@ -95,6 +95,12 @@ class PromptClassifier(nn.Module):
         self.text_features = F.normalize(text, dim=-1)  # (P, E)
         self.prompts = clean
 
+    def with_prompts(self, prompts: Sequence[str]) -> PromptClassifier:
+        """Another classifier over ``prompts`` sharing this one's encoders (only the texts are encoded)."""
+        return PromptClassifier(self.encoder, self._encode_text, prompts, logit_scale=self.logit_scale,
+                                logit_bias=self.logit_bias, preprocessing=self.preprocessing, source=self.source,
+                                text_model=self.text_model).eval()
+
     def similarity(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, E) image embeddings -> (B, P) logits: scale * cosine similarity (+ bias)."""
         image = F.normalize(image_embeds.float(), dim=-1)  # (B, E)

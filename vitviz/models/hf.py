@@ -32,7 +32,7 @@ from torch import nn
 
 from vitviz.errors import ConfigError, WeightsUnavailableError
 
-__all__ = ["HF_PREFIX", "HFImageModel", "SUPPORTED_TYPES", "hf_advice", "load_hf_model"]
+__all__ = ["HF_PREFIX", "HFImageModel", "SUPPORTED_TYPES", "hf_advice", "is_dual", "load_hf_model", "with_prompts"]
 
 HF_PREFIX = "hf:"
 
@@ -178,13 +178,28 @@ def load_hf_model(source: str | os.PathLike, *, prompts: Sequence[str] | None = 
     hf.eval()
     output = _output_kind(hf, config)
     model = HFImageModel(hf, source=source, output=output, preprocessing=_preprocessing(transformers, where, config))
-    if prompts is None:
-        return model.eval()
+    model.eval()
+    return model if prompts is None else with_prompts(model, prompts)
+
+
+def is_dual(model: nn.Module) -> bool:
+    """Whether ``model`` is an :class:`HFImageModel` of a CLIP / SigLIP dual encoder (so prompts apply)."""
+    return isinstance(model, HFImageModel) and model.model_type in _DUAL
+
+
+def with_prompts(model: HFImageModel, prompts: Sequence[str]) -> nn.Module:
+    """A :class:`~vitviz.models.clip.PromptClassifier` over ``prompts`` on a loaded CLIP / SigLIP (weights shared)."""
     from vitviz.models.clip import PromptClassifier, hf_text_encoder
 
-    encode_text, scale, bias = hf_text_encoder(hf, _tokenizer(transformers, where, source, offline))
+    if not is_dual(model):
+        raise ConfigError(f"prompts need a CLIP or SigLIP model with its text encoder; hf:{model.source} is "
+                          f"{SUPPORTED_TYPES.get(model.model_type, model.model_type)}.")
+    local = Path(model.source).expanduser()
+    where = str(local) if local.is_dir() else model.source
+    offline = not local.is_dir() and not _hub_reachable()
+    encode_text, scale, bias = hf_text_encoder(model.hf, _tokenizer(_transformers(), where, model.source, offline))
     return PromptClassifier(model, encode_text, list(prompts), logit_scale=scale, logit_bias=bias,
-                            preprocessing=model.preprocessing, source=f"hf:{source}").eval()
+                            preprocessing=model.preprocessing, source=f"hf:{model.source}").eval()
 
 
 def _transformers() -> Any:

@@ -1,0 +1,114 @@
+"""The dashboard's *Hugging Face* and *CLIP* sources, driven with AppTest: a tiny transformers folder written here,
+open_clip with random weights and its bundled tokenizer, and the offline advice in the sidebar's words."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+from test_dashboard import assert_clean, chart_keys, charts, errors, texts  # noqa: E402
+
+APP = str(ROOT / "dashboard" / "app.py")
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import transformers as T
+
+    from dashboard.demo import write_demo_checkpoints
+
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    write_demo_checkpoints(ckpts)
+    vit = tmp_path_factory.mktemp("hf_vit")
+    torch.manual_seed(0)
+    config = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=32, patch_size=8, num_labels=2, id2label={0: "kitten", 1: "puppy"},
+                         label2id={"kitten": 0, "puppy": 1})
+    T.ViTForImageClassification(config).save_pretrained(vit)
+    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), HF_HUB_OFFLINE="1",
+                      HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")))
+    yield {"vit": vit}
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def bars(at: AppTest) -> list[str]:
+    """The texts of the probability bars (st.progress)."""
+    return [p.proto.text for p in at.get("progress")]
+
+
+@pytest.fixture
+def app(env) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert_clean(at)
+    return at
+
+
+def test_a_hugging_face_folder_predicts_with_its_own_class_names(app, env):
+    app.button_group(key="model_source").set_value("Hugging Face").run()
+    assert_clean(app)
+    assert "Type a hub id or a folder path" in texts(app)
+    app.text_input(key="hf_source").input(str(env["vit"])).run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    assert "Prediction" in texts(app)
+    assert {"kitten", "puppy"} <= set(" ".join(bars(app)).replace("*", "").split()), bars(app)
+    methods = next(b for b in app.selectbox if str(b.key).startswith("method_"))
+    assert "Relevance (Chefer et al. 2021)" in methods.options
+    assert len(charts(app)) >= 2
+
+
+def test_an_offline_hub_id_gets_advice_in_the_sidebars_words(app):
+    app.button_group(key="model_source").set_value("Hugging Face").run()
+    app.text_input(key="hf_source").input("google/vit-base-patch16-224").run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    warning = " ".join(w.value for w in app.warning)
+    assert "huggingface-cli download google/vit-base-patch16-224" in warning
+    assert "sidebar's \"Hugging Face model\" field" in warning and "create_model" not in warning
+
+
+def test_clip_prompts_are_the_classes_with_one_map_per_prompt(app):
+    app.button_group(key="model_source").set_value("CLIP").run()
+    app.text_input(key="clip_arch").input("ViT-S-32").run()
+    app.toggle(key="clip_pretrained").set_value(False).run()
+    app.text_area(key="clip_prompts").input("a dog\na red car\n\na cat").run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    assert "Prompt probabilities" in texts(app)
+    assert all(any(f"**{p}**" in b for b in bars(app)) for p in ("a dog", "a red car", "a cat")), bars(app)
+    targets = next(s for s in app.selectbox if "target" in str(s.key))
+    assert len(targets.options) == 4  # the predicted prompt, then each of the three
+    app.toggle(key="every_prompt").set_value(True).run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    keys = chart_keys(app)
+    assert {"prompt_map_0", "prompt_map_1", "prompt_map_2"} <= keys, keys
+
+
+def test_bad_prompts_and_offline_clip_weights_are_explained(app):
+    app.button_group(key="model_source").set_value("CLIP").run()
+    assert_clean(app)
+    assert not errors(app), errors(app)  # offline with the default "openai" tag: advice, not an error
+    warning = " ".join(w.value for w in app.warning)
+    assert "huggingface.co/timm/vit_base_patch32_clip_224.openai" in warning and "Weights file" in warning
+    app.toggle(key="clip_pretrained").set_value(False).run()
+    app.text_input(key="clip_arch").input("ViT-S-32").run()
+    app.text_area(key="clip_prompts").input("a dog\na dog").run()
+    assert_clean(app)
+    assert any("Prompts (sidebar)" in e and "repeated: a dog" in e for e in errors(app)), errors(app)
