@@ -36,7 +36,7 @@ def table() -> tuple[list[str], list[str]]:
     """(table lines, footnote lines): one row per model, refusals numbered in footnotes."""
     import timm
 
-    head = ["family", "timm name", "adapter", *(HEADINGS[c] for c in CHECKS), "from_timm"]
+    head = ["family", "name", "adapter", *(HEADINGS[c] for c in CHECKS), "from_timm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     reasons: dict[str, int] = {}
     for entry in COVERAGE_MODELS:
@@ -45,14 +45,18 @@ def table() -> tuple[list[str], list[str]]:
         cells = [entry.family, f"`{entry.name}`", adapter_for(model).name]
         for what in (*CHECKS, "convert"):
             o = conversion(model, x) if what == "convert" else check(model, x, what)
-            if o.status == "ok":
-                cells.append("✓")
+            if o.status in ("ok", "n/a"):
+                cells.append("✓" if o.status == "ok" else "—")
                 continue
             n = reasons.setdefault(_general(o.detail, model), len(reasons) + 1)
             cells.append(f"refused [{n}]" if o.status == "refused" else f"**FAILED** [{n}]")
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{n}. {reason}" for reason, n in reasons.items()]
-    return lines, [f"timm {timm.__version__}; random weights, small input sizes."] + notes
+    import open_clip
+    import transformers
+
+    versions = f"timm {timm.__version__}, transformers {transformers.__version__}, open_clip {open_clip.__version__}"
+    return lines, [f"{versions}; random weights, small input sizes."] + notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         "# Which methods work on which models",
         "",
-        "Every timm family vitviz has an adapter for, and each method and Fig. 7 analysis on it: ✓ gives a",
-        "finite map that is not constant; *refused* raises a `VitvizError` whose reason is the numbered note.",
+        "Every timm family vitviz has an adapter for, the Hugging Face image models (`hf:`, rows \"HF\") and",
+        "open_clip's CLIP over typed prompts, and each method and Fig. 7 analysis on them: ✓ gives a finite",
+        "map that is not constant; *refused* raises a `VitvizError` whose reason is the numbered note.",
         "`from_timm` ✓ converts the model to vitviz's own class with logits equal to timm's within 1e-4",
-        "relative; otherwise the dashboard and CLI use the timm model as it is.",
+        "relative; otherwise the dashboard and CLI use the model as it is (— : not a timm model). For the",
+        "prompt classifier, class-specific methods explain the image–text similarity of the chosen prompt.",
         "",
         "Reproduce: `python docs/make_coverage.py` (the same list `tests/test_coverage.py` checks).",
         "",

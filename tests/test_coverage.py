@@ -27,6 +27,8 @@ MUST = {
     "Twins-PCPVT": GRID_ONLY, "CrossViT": GRID_ONLY,
     "ConvNeXt": CNN, "EfficientNet": CNN, "RegNet": CNN, "ResNet": CNN, "ResNet-D": CNN, "MobileNet-V3": CNN,
     "MaxViT (no attention adapter)": CNN,
+    "HF DINOv2 + registers, headless": HEADLESS, "HF CLIP tower, headless": HEADLESS,
+    "HF SigLIP tower, headless": HEADLESS, "HF Swin": GRID_ONLY,
 }
 # Fig. 7 analyses that must work: filters where the stem is a linear patch projection, positions where
 # they are learned absolute embeddings, distance wherever there is token attention.
@@ -37,6 +39,11 @@ FIG7 = {
     "EVA-02": {"filters", "positions", "distance"},
     "Swin": {"distance"},
     "PVT-v2": {"distance"},
+    "HF ViT": {"filters", "positions", "distance"},
+    "HF DINOv2": {"filters", "positions", "distance"},
+    "HF CLIP tower, headless": {"filters", "positions", "distance"},
+    "HF Swin": {"distance"},
+    "open_clip CLIP + prompts": {"filters", "positions", "distance"},
 }
 
 

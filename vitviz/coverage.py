@@ -1,9 +1,11 @@
-"""Which methods work on which timm families: the list of models, and one check per (model, method).
+"""Which methods work on which model families: the list of models, and one check per (model, method).
 
 ``tests/test_coverage.py`` asserts on it and ``docs/make_coverage.py`` writes ``docs/coverage.md`` from
-it, so the table and the tests can never disagree. Each model is built by timm with random weights
-at a small size (zero-initialised norm gains set to one): coverage is a property of the architecture,
-not of the weights.
+it, so the table and the tests can never disagree. Each model is built with random weights at a small
+size (zero-initialised norm gains set to one): coverage is a property of the architecture, not of the
+weights. timm models come from ``timm.create_model``; Hugging Face models are built from a tiny config,
+saved with ``save_pretrained`` into a temporary folder and opened with ``create_model("hf:<folder>")``;
+the open_clip CLIP is a shrunk ViT-B-32 whose classes are five prompts.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class CoverageModel:
     kwargs: dict[str, Any] = field(default_factory=dict)  # small-size overrides for timm.create_model
     size: int = 32  # input side in pixels
     perturb: float = 0.0  # std of noise added to every weight after timm's init, for inits that are degenerate
+    source: str = "timm"  # "timm", "hf" (name: a transformers class) or "open_clip" (name: an architecture)
 
     @property
     def key(self) -> str:
@@ -37,6 +40,8 @@ class CoverageModel:
 
 _VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
 _VIT14 = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 3}
+_HF = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 96, "image_size": 32,
+       "patch_size": 8}
 _SWIN = {"img_size": 64, "depths": (1, 1, 1, 1), "window_size": 2, "embed_dim": 24, "num_heads": (1, 1, 2, 2)}
 
 COVERAGE_MODELS: tuple[CoverageModel, ...] = (
@@ -83,6 +88,24 @@ COVERAGE_MODELS: tuple[CoverageModel, ...] = (
     CoverageModel("ResNet-D", "resnet18d", {}, size=64),
     CoverageModel("MobileNet-V3", "mobilenetv3_small_100", {}, size=64),
     CoverageModel("MaxViT (no attention adapter)", "maxvit_tiny_tf_224", {"img_size": 64}, size=64),
+    # Hugging Face transformers: kwargs are the config class and its fields
+    CoverageModel("HF ViT", "ViTForImageClassification", {"config": "ViTConfig", **_HF}, source="hf"),
+    CoverageModel("HF DeiT (distilled)", "DeiTForImageClassificationWithTeacher", {"config": "DeiTConfig", **_HF},
+                  perturb=0.02, source="hf"),
+    CoverageModel("HF BEiT", "BeitForImageClassification", {"config": "BeitConfig", **_HF}, source="hf"),
+    CoverageModel("HF DINOv2", "Dinov2ForImageClassification", {"config": "Dinov2Config", **_HF}, source="hf"),
+    CoverageModel("HF DINOv2 + registers, headless", "Dinov2WithRegistersModel",
+                  {"config": "Dinov2WithRegistersConfig", "num_register_tokens": 4, **_HF}, source="hf"),
+    CoverageModel("HF Swin", "SwinForImageClassification",
+                  {"config": "SwinConfig", "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "image_size": 32,
+                   "patch_size": 4, "window_size": 4}, source="hf"),
+    CoverageModel("HF CLIP tower, headless", "CLIPVisionModel", {"config": "CLIPVisionConfig", **_HF}, source="hf"),
+    CoverageModel("HF SigLIP tower, headless", "SiglipVisionModel", {"config": "SiglipVisionConfig", **_HF},
+                  source="hf"),
+    CoverageModel("open_clip CLIP + prompts", "ViT-B-32", {
+        "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+        source="open_clip"),
 )
 
 METHOD_CHECKS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")
@@ -99,7 +122,21 @@ class Outcome:
 
 
 def build(entry: CoverageModel, seed: int = 0, num_classes: int = 5) -> nn.Module:
-    """The timm model of ``entry`` with seeded random weights, in eval mode."""
+    """The model of ``entry`` with seeded random weights, in eval mode."""
+    if entry.source == "hf":
+        model = _build_hf(entry, seed, num_classes)
+        if entry.perturb:  # transformers zero-initialises some embeddings (DeiT's positions)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * entry.perturb)
+        return model
+    if entry.source == "open_clip":
+        import vitviz
+
+        torch.manual_seed(seed)
+        prompts = [f"a photo of shape {i}" for i in range(num_classes)]
+        return vitviz.create_model(f"open_clip:{entry.name}", prompts=prompts, **entry.kwargs)
     import timm
 
     torch.manual_seed(seed)
@@ -116,6 +153,26 @@ def build(entry: CoverageModel, seed: int = 0, num_classes: int = 5) -> nn.Modul
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * entry.perturb)
     return model
+
+
+def _build_hf(entry: CoverageModel, seed: int, num_classes: int) -> nn.Module:
+    """A transformers model from a tiny config, saved and opened through ``create_model("hf:<folder>")``."""
+    import shutil
+    import tempfile
+
+    import transformers
+
+    import vitviz
+
+    fields = {k: v for k, v in entry.kwargs.items() if k != "config"}
+    config = getattr(transformers, entry.kwargs["config"])(**fields, num_labels=num_classes)
+    torch.manual_seed(seed)
+    folder = tempfile.mkdtemp(prefix="vitviz-coverage-")
+    try:
+        getattr(transformers, entry.name)(config).save_pretrained(folder)
+        return vitviz.create_model(f"hf:{folder}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def input_for(entry: CoverageModel, batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -162,6 +219,8 @@ def conversion(model: nn.Module, x: torch.Tensor) -> Outcome:
     """Whether ``from_timm`` converts the model, and if so whether logits agree within 1e-4 relative."""
     from vitviz.models.timm_interop import from_timm
 
+    if not type(model).__module__.startswith("timm."):
+        return Outcome("n/a", "not a timm model")
     try:
         ours = from_timm(model)
     except VitvizError as err:
