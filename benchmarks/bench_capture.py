@@ -1,4 +1,4 @@
-"""What explaining costs next to one plain forward pass, on four timm families, as a library user runs it.
+"""What explaining costs next to one plain forward pass, on timm families and a Hugging Face ViT, as a user runs it.
 
 A plain Python process (glibc's allocator as it comes: ``vitviz.runtime.tune_allocator`` is NOT
 called), batch 1, random weights, paired interleaved repeats (each repeat times every variant once,
@@ -7,7 +7,8 @@ intervals), so drift in a shared machine's load cancels out.
 
 Per model:
 
-* plain      ``model(x)`` under no_grad, fused attention as timm ships it;
+* plain      ``model(x)`` under no_grad, fused attention as timm ships it (SDPA for the Hugging Face ViT-B/16,
+             ``hf-vit``, as transformers loads it; capture switches it to the eager path for its call only);
 * capture    ``capture_attention(model, x)``: every layer's attention, one forward pass;
 * rollout    ``explain(model, x, "rollout")``: capture (heads fused as the layers run) + rollout +
              upsample + normalise. Target: <= 1.05x plain. On Swin, whose token grid changes between
@@ -22,7 +23,8 @@ On ViT-B/16 it also times the gradient methods against the code others wrote, sa
 Every variant's map is checked against its reference before timing. Capture is checked to run
 the model exactly once on every family.
 
-    python benchmarks/bench_capture.py [--repeats 30] [--threads N] [--only vit,eva02,swin,dinov2,eva02-s,dinov2-s]
+    python benchmarks/bench_capture.py [--repeats 30] [--threads N]
+        [--only vit,eva02,swin,dinov2,eva02-s,dinov2-s,hf-vit]
 """
 
 from __future__ import annotations
@@ -52,7 +54,25 @@ MODELS = {
     "dinov2": ("vit_base_patch14_reg4_dinov2", {"img_size": 224}),
     "eva02-s": ("eva02_small_patch14_224", {}),
     "dinov2-s": ("vit_small_patch14_reg4_dinov2", {"img_size": 224}),
+    "hf-vit": ("transformers ViTForImageClassification, ViT-B/16 config", {}),
 }
+
+
+def build(key: str) -> nn.Module:
+    """The benchmark's model for ``key``, random weights, eval mode."""
+    torch.manual_seed(0)
+    if key == "hf-vit":
+        import transformers
+
+        from vitviz.models.hf import HFImageModel
+
+        hf = transformers.ViTForImageClassification(transformers.ViTConfig()).eval()  # ViT-B/16, 224 px, SDPA
+        return HFImageModel(hf, source="ViT-B/16 config", output="logits",
+                            preprocessing={"mean": (0.5,) * 3, "std": (0.5,) * 3, "img_size": 224}).eval()
+    import timm
+
+    name, kw = MODELS[key]
+    return timm.create_model(name, pretrained=False, **kw).eval()
 
 
 def paired(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, tuple]:
@@ -144,9 +164,8 @@ def main() -> None:
           "allocator untuned (a plain library process)")
     summary = []
     for key in args.only.split(","):
-        name, kw = MODELS[key]
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kw).eval()
+        name, _ = MODELS[key]
+        model = build(key)
         assert forward_calls(model, lambda m=model: capture_attention(m, x)) == 1, "capture must run once"
         method = "rollout" if key != "swin" else "attention"
         res = paired({
