@@ -149,38 +149,45 @@ def _word_tokenizer(folder, words: list[str]) -> None:
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                     model_max_length=16)
     fast.save_pretrained(folder)
 
 
-def test_a_hugging_face_clip_with_prompts_explains_its_own_logits(tmp_path, x):
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_hugging_face_dual_encoder_with_prompts_explains_its_own_logits(tmp_path, x, kind):
     torch.manual_seed(3)
     words = sorted({w for p in PROMPTS for w in p.split()})
-    config = T.CLIPConfig(
-        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=len(words) + 3, max_position_embeddings=16, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           image_size=SIZE, patch_size=16),
-        projection_dim=16)
-    T.CLIPModel(config).save_pretrained(tmp_path)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                vocab_size=len(words) + 3, max_position_embeddings=16, eos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+                  patch_size=16)
+    if kind == "clip":
+        config_cls, model_cls, padding = T.CLIPConfig, T.CLIPModel, True
+        config = config_cls(text_config=text, vision_config=vision, projection_dim=16)
+    else:  # SigLIP: no projection, a learned bias, texts padded to the full length as in training
+        config_cls, model_cls, padding = T.SiglipConfig, T.SiglipModel, "max_length"
+        config = config_cls(text_config=text, vision_config=vision)
+    model_cls(config).save_pretrained(tmp_path)
     _word_tokenizer(tmp_path, words)
     model = vitviz.create_model(f"hf:{tmp_path}", prompts=PROMPTS)
     assert isinstance(model, PromptClassifier) and model.class_names == tuple(PROMPTS)
-    ref = T.CLIPModel.from_pretrained(tmp_path).eval()
+    ref = model_cls.from_pretrained(tmp_path).eval()
     tok = T.AutoTokenizer.from_pretrained(tmp_path)
     with torch.no_grad():
-        expected = ref(pixel_values=x, **tok(PROMPTS, padding=True, return_tensors="pt")).logits_per_image
+        expected = ref(pixel_values=x, **tok(PROMPTS, padding=padding, return_tensors="pt")).logits_per_image
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     details = explain_details(model, x, "chefer", target=2)
     torch.testing.assert_close(details.logits.detach(), expected, atol=1e-5, rtol=1e-5)
     assert float(details.maps.flatten(1).std(1).min()) > 1e-3
+    assert adapter_for(model).readout_kind() == ("token" if kind == "clip" else "pool")
     # without prompts the same folder is an image tower: embeddings, no classes
     tower = vitviz.create_model(f"hf:{tmp_path}")
     assert not tower.has_head
     with torch.no_grad():
-        torch.testing.assert_close(tower(x), ref.get_image_features(pixel_values=x).pooler_output
-                                   if hasattr(ref.get_image_features(pixel_values=x), "pooler_output")
-                                   else ref.get_image_features(pixel_values=x), atol=1e-5, rtol=1e-5)
+        image = ref.get_image_features(pixel_values=x)
+        image = getattr(image, "pooler_output", image)  # a tensor, or an output object in newer transformers
+        torch.testing.assert_close(tower(x), image, atol=1e-5, rtol=1e-5)
 
 
 # --- the CLI --------------------------------------------------------------------------------------------

@@ -71,6 +71,10 @@ def test_a_hugging_face_folder_predicts_with_its_own_class_names(app, env):
     methods = next(b for b in app.selectbox if str(b.key).startswith("method_"))
     assert "Relevance (Chefer et al. 2021)" in methods.options
     assert len(charts(app)) >= 2
+    app.switch_page("pages/embeddings.py").run()  # Fig. 7 through the adapter: filters, positions, distances
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    assert len(charts(app)) >= 3
 
 
 def test_an_offline_hub_id_gets_advice_in_the_sidebars_words(app):
