@@ -262,3 +262,18 @@ def test_cli_explains_an_hf_folder_with_its_class_names(tmp_path, capsys):
     assert main([str(tmp_path / "a.png"), "--model", f"hf:{tmp_path / 'vit'}", "--pretrained", "openai", "--out",
                  str(out)]) == 2
     assert "--pretrained TAG is for open_clip" in capsys.readouterr().err
+
+
+def test_swin_rolls_out_its_last_stage_like_the_models_own_attention(tmp_path, x):
+    """Stage 2 runs on a 4x4 grid, no larger than the 4x4 window: one window, so the model's own windowed
+    attention is the dense matrix, and the last stage's rollout can be built from output_attentions alone."""
+    torch.manual_seed(4)
+    T.SwinForImageClassification(T.SwinConfig(embed_dim=16, depths=[2, 1], num_heads=[2, 2], image_size=32,
+                                              patch_size=4, window_size=4, num_labels=3)).save_pretrained(tmp_path)
+    model = vitviz.create_model(f"hf:{tmp_path}")
+    with torch.no_grad():
+        out = _eager(str(tmp_path))(pixel_values=x, output_attentions=True)
+    last = out.attentions[-1]  # (B, heads, 16, 16): stage 2's only block
+    expected = naive_rollout_row([last], torch.full((2, 16), 1 / 16)).reshape(2, 4, 4)
+    got = explain_details(model, x, "rollout", start_layer=2, upsample=False)
+    torch.testing.assert_close(got.grid_maps.double(), expected, atol=1e-6, rtol=1e-4)
