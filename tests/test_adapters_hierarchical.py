@@ -552,11 +552,11 @@ def test_non_timm_subclasses_are_not_matched():
 @pytest.mark.parametrize("family", IDS)
 def test_every_method_gives_a_varied_map_or_a_reason(family, request):
     from vitviz.explain import explain
-    from vitviz.explain.api import METHODS
 
     model = build(family)
     x = images(family)
-    for method in METHODS:
+    # the attention methods, Grad-CAM and similarity (the newer methods have their own test files)
+    for method in ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity"):
         try:
             maps = explain(model, x, method=method)
         except ExplainError as err:

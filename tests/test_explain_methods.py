@@ -41,19 +41,28 @@ def x() -> torch.Tensor:
 
 
 GRIDS = {"vit": (4, 4), "timm": (4, 4), "hybrid": (8, 8)}
+# The attention methods, Grad-CAM and similarity: this file's subject. The baselines, the CAM family, LeGrad
+# and AttnLRP have their own test files (test_explain_baselines.py, ..._cam_family.py, ..._legrad.py, ...).
+CORE = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")
+ATTENTION = ("attention", "rollout", "grad-rollout", "chefer")
+
+
+def core(model) -> list[str]:
+    return [m for m in methods_for(model) if m in CORE]
 
 
 def test_methods_for(models):
-    assert methods_for(models["resnet"]) == ["gradcam", "similarity"]
+    assert core(models["resnet"]) == ["gradcam", "similarity"]
+    assert not set(ATTENTION) & set(methods_for(models["resnet"]))  # a CNN has no attention to show
     for name in ("vit", "hybrid", "timm"):
-        assert methods_for(models[name]) == list(METHODS)
-    assert set(METHOD_PARAMS) == set(METHODS)
+        assert core(models[name]) == list(CORE)
+    assert set(METHOD_PARAMS) == set(METHODS) and set(CORE) <= set(METHODS)
 
 
 @pytest.mark.parametrize("name", ["vit", "hybrid", "timm", "resnet"])
 def test_maps_have_the_right_shapes_and_range(models, x, name):
     model = models[name]
-    for method in methods_for(model):
+    for method in core(model):
         maps = explain(model, x, method)
         assert maps.shape == (2, 32, 32) and maps.dtype == torch.float32
         assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
@@ -68,7 +77,7 @@ def test_maps_have_the_right_shapes_and_range(models, x, name):
 def test_a_batch_of_two_equals_two_singles(models, x, name):
     model = models[name]
     params = {"attention": {"query": (1, 2), "head": 1}, "rollout": {"discard_ratio": 0.3, "head_fusion": "max"}}
-    for method in methods_for(model):
+    for method in core(model):
         p = params.get(method, {})
         batch = explain_details(model, x, method, **p)
         singles = [explain_details(model, x[i:i + 1], method, **p) for i in range(2)]

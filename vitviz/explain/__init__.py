@@ -2,9 +2,11 @@
 
 * Models: :func:`adapter_for` finds the adapter that tells every method about a model (ours, any timm model).
 * Capture: :func:`capture_attention` (every layer's attention, optionally its gradients, one pass).
-* Saliency: :func:`explain` with ``method`` in :data:`METHODS` ("attention", "rollout",
-  "grad-rollout", "chefer", "gradcam", "similarity"), and the pure functions behind it
-  (:func:`attention_rollout`, :func:`grad_rollout`, :func:`chefer_relevance`, :func:`gradcam`).
+* Saliency: :func:`explain` with ``method`` in :data:`METHODS`, the one registry
+  (:func:`registry`: label, description, parameters, models, class-specific, cost of each method):
+  attention, rollout, grad-rollout, chefer, LeGrad, Grad-CAM and the CAM family (pytorch-grad-cam),
+  occlusion, RISE, Integrated Gradients, SmoothGrad; and the pure functions behind them
+  (:func:`attention_rollout`, :func:`grad_rollout`, :func:`chefer_relevance`, :func:`gradcam`, :func:`legrad`).
 * What a ViT learned: patch-embedding filters and their PCA, position-embedding similarity, mean
   attention distance.
 * Which explanation to trust: deletion/insertion AUC, pointing game, mask IoU.
@@ -13,6 +15,7 @@
 
 from vitviz.explain.adapters import Adapter, Tokens, adapter_for
 from vitviz.explain.api import (
+    FEATURE_METHODS,
     METHOD_LABELS,
     METHOD_PARAMS,
     METHODS,
@@ -47,13 +50,16 @@ from vitviz.explain.faithfulness import (
 from vitviz.explain.features import feature_pca, grid_features, patch_similarity
 from vitviz.explain.gradcam import BaseCAM, CAMResult, GradCAM, gradcam
 from vitviz.explain.layout import TokenLayout, model_family, token_layout
+from vitviz.explain.legrad import legrad
 from vitviz.explain.maps import normalize_maps, upsample_maps
+from vitviz.explain.registry import Cost, Method, get_method, registry
 from vitviz.explain.relevance import chefer_relevance
 from vitviz.explain.render import COLORMAPS, apply_colormap, overlay_png, render_overlay, save_overlay_png
 from vitviz.explain.rollout import HEAD_FUSIONS, attention_rollout, fuse_heads, grad_rollout, rollout_row
 
 __all__ = [
     "COLORMAPS", "HEAD_FUSIONS", "METHODS", "METHOD_LABELS", "METHOD_PARAMS", "Adapter", "BaseCAM", "CAMResult",
+    "Cost", "FEATURE_METHODS", "Method", "get_method", "legrad", "registry",
     "Capture", "Layer", "Tokens", "adapter_for", "feature_pca", "grid_features", "mean_heads", "patch_similarity",
     "refusal",
     "DeletionInsertion", "Explanation", "FilterPCA", "GradCAM", "TokenLayout", "apply_colormap", "attention_distance",

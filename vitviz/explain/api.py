@@ -23,36 +23,23 @@ from vitviz.explain.features import patch_similarity
 from vitviz.explain.gradcam import gradcam
 from vitviz.explain.layout import check_images
 from vitviz.explain.maps import normalize_maps, upsample_maps
+from vitviz.explain.registry import Cost, CostContext, MapResult, get_method, method_names, registry
 from vitviz.explain.rollout import RowStep, check_discard_ratio, check_fusion, fuse_heads, propagate_row
 
 __all__ = ["FEATURE_METHODS", "METHODS", "METHOD_LABELS", "METHOD_PARAMS", "Explanation", "explain", "explain_details",
            "methods_for", "refusal"]
 
-METHODS: tuple[str, ...] = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")
+# Everything below is read from the one method registry (vitviz.explain.registry); these names stay for the
+# dashboard, the CLI and user code that read them.
+METHODS: tuple[str, ...] = method_names()
 
 # The parameters each method takes (and their defaults); anything else is refused, not ignored.
-METHOD_PARAMS: dict[str, dict[str, Any]] = {
-    "attention": {"layer": -1, "head": None, "query": None},
-    "rollout": {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": 0},
-    "grad-rollout": {"target": None, "discard_ratio": 0.0, "start_layer": 0},
-    "chefer": {"target": None, "start_layer": 0},
-    "gradcam": {"target": None, "layer": None},
-    "similarity": {"query": None},
-}
+METHOD_PARAMS: dict[str, dict[str, Any]] = {name: dict(m.params) for name, m in registry().items()}
 
-METHOD_LABELS: dict[str, str] = {
-    "attention": "Raw attention",
-    "rollout": "Attention rollout (Abnar & Zuidema 2020)",
-    "grad-rollout": "Gradient-weighted rollout",
-    "chefer": "Relevance (Chefer et al. 2021)",
-    "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
-    "similarity": "Feature similarity to a patch",
-}
+METHOD_LABELS: dict[str, str] = {name: m.label for name, m in registry().items()}
 
-_CLASS_SPECIFIC = ("grad-rollout", "chefer", "gradcam")
 # Methods that describe the features, not a prediction: left out of faithfulness scores.
-FEATURE_METHODS: tuple[str, ...] = ("similarity",)
-_ACROSS_LAYERS = ("rollout", "grad-rollout", "chefer")
+FEATURE_METHODS: tuple[str, ...] = tuple(name for name, m in registry().items() if m.feature)
 
 
 @dataclass
@@ -66,17 +53,27 @@ class Explanation:
     target: torch.Tensor | None  # (B,) class explained; None for class-agnostic methods
     cell: tuple[int, int]  # pixels one grid cell covers
     params: dict[str, Any] = field(default_factory=dict)  # the parameters used, defaults filled in
+    cost: Cost | None = None  # model passes this explanation cost (from the registry)
 
 
 def refusal(model: nn.Module | Adapter, method: str) -> str | None:
     """Why ``method`` is not defined for ``model`` (with what to use instead), or None when it is."""
-    if method not in METHODS:
-        return f"unknown method {method!r}; choose one of {', '.join(METHODS)}."
+    methods = registry()
+    if method not in methods:
+        return f"unknown method {method!r}; choose one of {', '.join(methods)}."
+    m = methods[method]
     adapter = adapter_for(model)
-    if method in _CLASS_SPECIFIC and not adapter.has_head:
+    if m.needs_head and not adapter.has_head:
         return (f"{method} explains a class score, and {type(adapter.model).__name__} has no classifier head (it "
                 "returns features); use 'attention', 'rollout' or 'similarity'.")
-    return adapter.refusal(method)
+    if m.models == "transformer" and adapter.kind != "transformer":
+        return (f"{type(adapter.model).__name__} is a CNN: it has no attention layers, and {method} needs attention; "
+                "use a method for any model (gradcam, occlusion, integrated-gradients, ...).")
+    why = adapter.refusal(method) or m.own_refusal(adapter)
+    if why is None and m.like is not None:
+        like = adapter.refusal(m.like)
+        why = None if like is None else f"{method} needs what {m.like} needs: {like}"
+    return why or m.missing()
 
 
 def methods_for(model: nn.Module, *, saliency_only: bool = False) -> list[str]:
@@ -90,7 +87,8 @@ def explain(model: nn.Module, x: torch.Tensor, method: str = "rollout", *, upsam
             **params: Any) -> torch.Tensor:
     """Saliency maps (B, H, W), float32, each image's map min-max normalised to [0, 1].
 
-    ``method``: one of :data:`METHODS`; ``upsample=False`` returns the grid maps (B, gh, gw), also
+    ``method``: one of :data:`METHODS` (the registry, :mod:`vitviz.explain.registry`, says what each takes,
+    applies to and costs); ``upsample=False`` returns the grid maps (B, gh, gw), also
     normalised. Parameters per method (see :data:`METHOD_PARAMS`):
 
     * attention: ``layer`` (-1), ``head`` (None = mean, an index, or "max"/"min"), ``query``
@@ -114,9 +112,8 @@ def explain_details(model: nn.Module, x: torch.Tensor, method: str = "rollout", 
                     **params: Any) -> Explanation:
     """Like :func:`explain`, but also returns the raw grid maps, logits and target of the same pass."""
     check_images(x)
-    if method not in METHODS:
-        raise ExplainError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    allowed = METHOD_PARAMS[method]
+    spec = get_method(method)
+    allowed = dict(spec.params)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ExplainError(
@@ -125,7 +122,7 @@ def explain_details(model: nn.Module, x: torch.Tensor, method: str = "rollout", 
         )
     adapter = adapter_for(model)
     why = refusal(adapter, method)
-    if why is not None and method in _ACROSS_LAYERS and adapter.stagewise_rollout and params.get("start_layer"):
+    if why is not None and spec.across_layers and adapter.stagewise_rollout and params.get("start_layer"):
         why = None  # the chosen layers may share the final tokens: checked on the captured layers
     if why is not None:
         others = methods_for(adapter)
@@ -134,10 +131,28 @@ def explain_details(model: nn.Module, x: torch.Tensor, method: str = "rollout", 
         warnings.warn("explaining a model in training mode (dropout active); call model.eval() first.",
                       stacklevel=2)
     p = {**allowed, **params}
-    raw, shape, logits, target, cell = _run(method, adapter, x, p)
-    maps = upsample_maps(shape, x.shape[-2:], cell) if upsample else shape
-    return Explanation(method=method, maps=normalize_maps(maps), grid_maps=raw.detach().float(),
-                       logits=logits, target=target, cell=cell, params=p)
+    res = spec.run(adapter, x, p)
+    maps = upsample_maps(res.shape, x.shape[-2:], res.cell) if upsample else res.shape
+    return Explanation(method=method, maps=normalize_maps(maps), grid_maps=res.raw.detach().float(),
+                       logits=res.logits, target=res.target, cell=res.cell, params=p,
+                       cost=spec.cost_for(p, cost_context(adapter, x)))
+
+
+def cost_context(adapter: Adapter, x: torch.Tensor) -> CostContext:
+    """What a method's cost depends on for this model and input: size, token cell, depth."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    cell = None
+    if adapter.kind == "transformer":
+        try:
+            cell = adapter.final_tokens(h, w).cell
+        except ExplainError:
+            cell = None
+    return CostContext(height=h, width=w, cell=cell, depth=adapter.depth())
+
+
+def run_builtin(method: str, adapter: Adapter, x: torch.Tensor, p: dict[str, Any]) -> MapResult:
+    """The registry's runner for attention, rollout, grad-rollout, chefer, gradcam and similarity."""
+    return MapResult(*_run(method, adapter, x, p))
 
 
 def _run(method: str, adapter: Adapter, x: torch.Tensor, p: dict[str, Any]):
