@@ -37,7 +37,8 @@ def explanation_controls(subject: state.Subject, method: str, probs: np.ndarray,
     heads = dims[1] if dims is not None else 0  # a hierarchical model's heads change by stage: fusions only
     # Grad-CAM's layer choice is a block of a plain transformer; attention's is any attention layer.
     has_layer = depth > 0 if method == "attention" else dims is not None
-    wanted = [p for p in METHOD_PARAMS[method] if p != "query" and not (p == "layer" and not has_layer)]
+    wanted = [p for p in METHOD_PARAMS[method]
+              if p not in ("query", "batch") and not (p == "layer" and not has_layer)]
     if not wanted:
         return {}
     kwargs: dict[str, Any] = {}
@@ -78,7 +79,27 @@ def explanation_controls(subject: state.Subject, method: str, probs: np.ndarray,
             elif name == "start_layer":
                 kwargs["start_layer"] = layer_slider("Start layer", depth, 1, key=f"{prefix}start_{depth}",
                                                      help="Skip the layers before this one.") - 1
+            else:  # a registry parameter with no widget of its own: a number or a switch from its default
+                value = _generic_param(method, name, METHOD_PARAMS[method][name], prefix)
+                if value is not None:
+                    kwargs[name] = value
     return kwargs
+
+
+def _generic_param(method: str, name: str, default: Any, prefix: str) -> Any:
+    """A widget for a plain bool / int / float parameter (RISE's masks, IG's steps, ...); None to keep the default."""
+    if name == "batch":  # how many passes run at once: speed and memory, not the map
+        return None
+    label, key = name.replace("_", " ").capitalize(), f"{prefix}{method}_{name}"
+    help_ = f"{method}'s {name} (default {default!r}; see vitviz.explain.registry)."
+    if isinstance(default, bool):
+        return st.toggle(label, value=default, key=key, help=help_)
+    if isinstance(default, int):
+        return int(st.number_input(label, min_value=0 if name == "seed" else 1, value=default, step=1, key=key,
+                                   help=help_))
+    if isinstance(default, float):
+        return float(st.number_input(label, value=default, key=key, help=help_, format="%.3g"))
+    return None
 
 
 def picked_patch(grid: tuple[int, int], chart_key: str = "patch_pick") -> tuple[str, str]:
