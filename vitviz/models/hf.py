@@ -21,6 +21,7 @@ words of the front end the user is in (:func:`hf_advice`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -177,7 +178,8 @@ def load_hf_model(source: str | os.PathLike, *, prompts: Sequence[str] | None = 
         raise _unavailable(source, err) from err
     hf.eval()
     output = _output_kind(hf, config)
-    model = HFImageModel(hf, source=source, output=output, preprocessing=_preprocessing(transformers, where, config))
+    model = _named(type(hf).__name__)(hf, source=source, output=output,
+                                      preprocessing=_preprocessing(transformers, where, config))
     model.eval()
     return model if prompts is None else with_prompts(model, prompts)
 
@@ -200,6 +202,13 @@ def with_prompts(model: HFImageModel, prompts: Sequence[str]) -> nn.Module:
     encode_text, scale, bias = hf_text_encoder(model.hf, _tokenizer(_transformers(), where, model.source, offline))
     return PromptClassifier(model, encode_text, list(prompts), logit_scale=scale, logit_bias=bias,
                             preprocessing=model.preprocessing, source=f"hf:{model.source}").eval()
+
+
+@functools.cache
+def _named(architecture: str) -> type[HFImageModel]:
+    """An :class:`HFImageModel` subclass named after the transformers class it wraps, so that every message
+    that names a model's class (refusals, errors) names the architecture the user loaded."""
+    return type(architecture, (HFImageModel,), {"__module__": __name__, "__doc__": HFImageModel.__doc__})
 
 
 def _transformers() -> Any:
