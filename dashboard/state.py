@@ -342,6 +342,17 @@ def probabilities(model_key: str, image_key: str, _subject: Subject) -> np.ndarr
     return ds.predict_proba(_subject.model, _subject.x)[0]
 
 
+@st.cache_data(show_spinner=False, max_entries=256)
+def ood(model_key: str, image_key: str, _subject: Subject) -> tuple[float, float] | None:
+    """(score, threshold) of ``vitviz.ood_score`` for this image, or None when the model has no calibration."""
+    from vitviz.ood import ood_score
+
+    if _subject.info.ood is None:
+        return None
+    result = ood_score(_subject.model, _subject.info.ood, _subject.x)
+    return result.score, result.threshold
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def explanation(model_key: str, image_key: str, method: str, params: str, _subject: Subject,
                 _kwargs: dict) -> np.ndarray:

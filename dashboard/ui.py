@@ -70,12 +70,16 @@ def sidebar() -> state.Loaded | None:
         st.markdown("### :material/blur_on: vitviz")
         st.caption("What Vision Transformers learned, next to hybrids and ResNets.")
         devices = state.devices()
-        device = st.selectbox("Device", devices, index=0, key="device", format_func=state.device_label,
-                              persist_state="session", help="CUDA when a GPU is present; the CPU otherwise.")
+        device = st.selectbox("Device", devices, index=devices.index(remembered("device", devices[0], devices)),
+                              key="device", format_func=state.device_label, persist_state="session",
+                              help="CUDA when a GPU is present; the CPU otherwise.")
+        remember("device", device)
         st.markdown("**Model**")
         source = st.segmented_control(
-            "Source", SOURCES, default="Shipped", key="model_source", required=True, persist_state="session",
+            "Source", SOURCES, default=remembered("model_source", "Shipped", SOURCES), key="model_source",
+            required=True, persist_state="session",
             label_visibility="collapsed", help=" · ".join(f"**{k}**: {v}" for k, v in SOURCE_HELP.items()))
+        remember("model_source", source)
         try:
             pickers = {"timm": _timm_picker, "Hugging Face": _hf_picker, "CLIP": _clip_picker}
             loaded = pickers[source](device) if source in pickers else _checkpoint_picker(source, device)
@@ -91,6 +95,24 @@ def sidebar() -> state.Loaded | None:
     st.session_state[MODEL_KEY] = loaded
     st.session_state[PROBLEM_KEY] = problem
     return loaded
+
+
+REMEMBERED = "vitviz.remembered"  # session_state: the sidebar's last choices, by widget key
+
+
+def remembered(key: str, default: Any, options: Any = None) -> Any:
+    """The sidebar's last choice for widget ``key``, as its default on the next page.
+
+    On the first run of another page a persisted widget can still return its default (the
+    checkpoint box fell back to the first, shapes, model when Compare opened); passing the last
+    choice as the default makes every page open on the model the sidebar showed.
+    """
+    value = st.session_state.get(REMEMBERED, {}).get(key, default)
+    return value if options is None or value in options else default
+
+
+def remember(key: str, value: Any) -> None:
+    st.session_state.setdefault(REMEMBERED, {})[key] = value
 
 
 def checkpoint_folder() -> Path:
@@ -131,8 +153,11 @@ def _checkpoint_picker(source: str, device: str) -> state.Loaded | None:
     choice = None
     if usable:
         labels = {e.key: e.label for e in usable}
-        key = st.selectbox("Checkpoint", list(labels), format_func=labels.get, key=f"ckpt_{source}",
-                           persist_state="session")
+        options = list(labels)
+        last = remembered(f"ckpt_{source}", options[0], options)
+        key = st.selectbox("Checkpoint", options, index=options.index(last), format_func=labels.get,
+                           key=f"ckpt_{source}", persist_state="session")
+        remember(f"ckpt_{source}", key)
         choice = next(e for e in usable if e.key == key)
     if bad:
         with st.expander(f"{len(bad)} unusable file{'s' * (len(bad) > 1)}", icon=":material/warning:"):
@@ -155,15 +180,20 @@ def _timm_picker(device: str) -> state.Loaded | None:
     st.selectbox("Well-known pretrained models", list(CURATED), index=None, key="timm_pick", on_change=_pick_curated,
                  placeholder="pick one, or type any name below", format_func=lambda n: n.split(".")[0],
                  help="\n\n".join(f"**{n}**: {what}" for n, what in CURATED.items()))
-    name = st.text_input("timm model name", value=DEFAULT_TIMM, key="timm_name", persist_state="session",
+    name = st.text_input("timm model name", value=remembered("timm_name", DEFAULT_TIMM), key="timm_name",
+                         persist_state="session",
                          help="Any timm model, with its pretrained tag or without (timm's default tag), e.g. "
                               "vit_base_patch16_224.augreg2_in21k_ft_in1k, swin_tiny_patch4_window7_224, "
                               "convnext_tiny, vit_small_patch14_reg4_dinov2.")
-    pretrained = st.toggle("Pretrained weights", value=True, key="timm_pretrained", persist_state="session",
+    pretrained = st.toggle("Pretrained weights", value=remembered("timm_pretrained", True), key="timm_pretrained",
+                           persist_state="session",
                            help="Off: random weights, to explore the architecture without downloading anything.")
-    weights = st.text_input("Weights file (optional)", key="timm_weights", placeholder="model.safetensors",
+    weights = st.text_input("Weights file (optional)", value=remembered("timm_weights", ""), key="timm_weights",
+                            placeholder="model.safetensors",
                             persist_state="session",
                             help="A model.safetensors downloaded from the Hugging Face Hub, for machines offline.")
+    for key, value in (("timm_name", name), ("timm_pretrained", pretrained), ("timm_weights", weights)):
+        remember(key, value)
     name = name.strip()
     if not name:
         return None
@@ -178,12 +208,15 @@ def _hf_picker(device: str) -> state.Loaded | None:
     from vitviz.models.hf import is_dual
 
     source = st.text_input(
-        "Hugging Face model", key="hf_source", persist_state="session",
+        "Hugging Face model", value=remembered("hf_source", ""), key="hf_source", persist_state="session",
         placeholder="google/vit-base-patch16-224 or a folder",
         help="A hub id (downloaded on first use when online, then read from the local cache) or a local folder "
              "saved with save_pretrained: ViT, DeiT, BEiT, DINOv2, Swin, CLIP or SigLIP.")
-    pretrained = st.toggle("Pretrained weights", value=True, key="hf_pretrained", persist_state="session",
+    pretrained = st.toggle("Pretrained weights", value=remembered("hf_pretrained", True), key="hf_pretrained",
+                           persist_state="session",
                            help="Off: random weights from the model's config, to explore the architecture.")
+    remember("hf_source", source)
+    remember("hf_pretrained", pretrained)
     source = source.strip()
     if not source:
         st.caption("Type a hub id or a folder path and press Enter.")
@@ -196,16 +229,22 @@ def _hf_picker(device: str) -> state.Loaded | None:
 
 
 def _clip_picker(device: str) -> state.Loaded | None:
-    arch = st.text_input("open_clip model", value=DEFAULT_CLIP, key="clip_arch", persist_state="session",
+    arch = st.text_input("open_clip model", value=remembered("clip_arch", DEFAULT_CLIP), key="clip_arch",
+                         persist_state="session",
                          help="Any name of open_clip.list_models(), e.g. ViT-B-32, ViT-B-16, ViT-L-14.").strip()
-    pretrained = st.toggle("Pretrained weights", value=True, key="clip_pretrained", persist_state="session",
+    pretrained = st.toggle("Pretrained weights", value=remembered("clip_pretrained", True), key="clip_pretrained",
+                           persist_state="session",
                            help="Off: random weights, to explore the architecture without downloading anything.")
-    tag = st.text_input("Weights tag", value="openai", key="clip_tag", persist_state="session",
+    tag = st.text_input("Weights tag", value=remembered("clip_tag", "openai"), key="clip_tag", persist_state="session",
                         disabled=not pretrained,
                         help="open_clip's name for the weights, e.g. openai, laion2b_s34b_b79k.").strip()
-    weights = st.text_input("Weights file (optional)", key="clip_weights", persist_state="session",
+    weights = st.text_input("Weights file (optional)", value=remembered("clip_weights", ""), key="clip_weights",
+                            persist_state="session",
                             placeholder="open_clip_model.safetensors",
                             help="The weights file from the Hugging Face Hub, for machines offline.").strip()
+    for key, value in (("clip_arch", arch), ("clip_pretrained", pretrained), ("clip_tag", tag),
+                       ("clip_weights", weights)):
+        remember(key, value)
     prompts = _prompts_field("clip_prompts")
     if not arch:
         return None
@@ -221,10 +260,11 @@ def _prompts_field(key: str) -> tuple[str, ...]:
     """The sidebar's prompts, one class per line; a ConfigError (shown in the page) names the field."""
     from vitviz.models.clip import DEFAULT_PROMPTS, check_prompts
 
-    text = st.text_area("Prompts, one class per line", value="\n".join(DEFAULT_PROMPTS), key=key,
+    text = st.text_area("Prompts, one class per line", value=remembered(key, "\n".join(DEFAULT_PROMPTS)), key=key,
                         persist_state="session", height=110,
                         help="Each line is a class: the model scores the image against every prompt, and the "
                              "maps show where each prompt is seen.")
+    remember(key, text)
     lines = [line for line in text.splitlines() if line.strip()]
     return tuple(check_prompts(lines, where="Prompts (sidebar)"))
 
@@ -292,3 +332,48 @@ def _dashboard_advice(name: str | None) -> str | None:
 def family_badge(info: ds.ModelInfo) -> str:
     colour = {"vit": "blue", "hybrid": "violet", "resnet": "orange"}.get(info.family, "gray")
     return f":{colour}-badge[{info.family_label}]"
+
+
+# What each bundled dataset is, in words a newcomer understands (for the out-of-distribution warnings).
+TRAINED_ON = {
+    "shapes": "vitviz's synthetic scenes of one flat shape on a striped, coloured background",
+    "digits": "scikit-learn's small grayscale handwritten digits",
+}
+
+
+def trained_on(info: ds.ModelInfo) -> str:
+    dataset = str(info.dataset or "")
+    return TRAINED_ON.get(dataset.lower(), f"the {dataset} dataset" if dataset else "its training data")
+
+
+def unlike_training(subject: state.Subject) -> bool:
+    """Whether ``vitviz.ood_score`` calls the subject's image out of distribution (False without a calibration)."""
+    result = state.ood(*subject.key, subject)
+    return result is not None and result[0] > result[1]
+
+
+def ood_warning(subject: state.Subject) -> None:
+    """An ``st.warning`` when the image is unlike the model's training data: what it knows, and what to use instead."""
+    if not unlike_training(subject):
+        return
+    info = subject.info
+    names = ", ".join(info.class_names)
+    st.warning(
+        f"**This image is unlike anything this model was trained on.** It knows only {len(info.class_names)} "
+        f"classes ({names}), learnt from {trained_on(info)}, and answers with one of them whatever it is shown, "
+        "often confidently: the prediction and the maps are a forced choice, not a recognition. For photos, pick "
+        "a pretrained model in the sidebar (*timm*, e.g. vit_base_patch16_224).", icon=":material/report:")
+
+
+def ood_caveat(models: list[state.Loaded], picture: state.Picture, what: str) -> None:
+    """The same warning for several models at once (Compare's trust scores)."""
+    odd = [m for m in models if unlike_training(state.Subject(m, picture))]
+    if not odd:
+        return
+    names = ", ".join(ds.short_name(m.info) for m in odd)
+    data = sorted({trained_on(m.info) for m in odd})
+    st.warning(
+        f"**{picture.name} is unlike what {names} {'was' if len(odd) == 1 else 'were'} trained on** "
+        f"({'; '.join(data)}). {what} then measure how each map follows a forced guess among classes that are not "
+        "in the image: they say little about which explanation to trust. Score the bundled images instead, or "
+        "explore photos with a pretrained model (*timm* in the sidebar).", icon=":material/report:")

@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``import vitviz`` stays light):
 ``create_model``, ``list_models``, ``from_timm``, ``to_timm``, ``save_checkpoint``, ``load_checkpoint``,
-``open_image``, ``preprocess``, and the exceptions in ``vitviz.errors``.
+``open_image``, ``preprocess``, ``ood_score``, and the exceptions in ``vitviz.errors``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ _LAZY = {
     "open_image": "vitviz.images",
     "fit_image": "vitviz.images",
     "preprocess": "vitviz.images",
+    "ood_score": "vitviz.ood",
 }
 
 __all__ = [

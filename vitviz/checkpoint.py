@@ -42,6 +42,7 @@ __all__ = [
     "read_checkpoint_meta",
     "read_safetensors",
     "save_checkpoint",
+    "update_checkpoint_meta",
     "write_safetensors_atomic",
 ]
 
@@ -75,6 +76,7 @@ class CheckpointMeta:
     vitviz_version: str  # the vitviz that wrote it
     format_version: int  # layout of this metadata (FORMAT_VERSION when written)
     extra: dict[str, Any] = field(default_factory=dict)  # anything else: curves, created_at, ...
+    ood: dict[str, Any] | None = None  # out-of-distribution calibration (vitviz.ood); None in older files
 
     @property
     def num_classes(self) -> int:
@@ -102,6 +104,7 @@ class CheckpointMeta:
             "train_config": _deepcopy_json(self.train_config),
             "metrics": _deepcopy_json(self.metrics),
             "extra": _deepcopy_json(self.extra),
+            "ood": _deepcopy_json(self.ood),
         }
 
     @classmethod
@@ -126,12 +129,14 @@ def save_checkpoint(
     std: Sequence[float] | None = None,
     train_config: Mapping[str, Any] | Any | None = None,
     metrics: Mapping[str, Any] | None = None,
+    ood: Mapping[str, Any] | None = None,
     **extra: Any,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``path`` atomically; return the path.
 
     ``family`` defaults to ``model.family``, ``img_size`` to the config's, ``mean``/``std`` to
-    ImageNet's. ``train_config`` may be a dict or a dataclass. Keyword arguments beyond these are
+    ImageNet's. ``train_config`` may be a dict or a dataclass. ``ood`` is an out-of-distribution
+    calibration from :func:`vitviz.ood.calibrate` (``meta.ood``). Keyword arguments beyond these are
     kept in ``meta.extra`` (a ``created_at`` UTC timestamp is added unless given). Everything must
     be JSON-serialisable (numpy scalars/arrays, small tensors and paths are converted).
     A DDP- or ``torch.compile``-wrapped model is unwrapped first, so keys never carry
@@ -172,8 +177,10 @@ def save_checkpoint(
         vitviz_version=_vitviz_version(),
         format_version=FORMAT_VERSION,
         extra={"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra},
+        ood=_as_dict(ood, "ood"),
     )
-    for name, value in (("train_config", meta.train_config), ("metrics", meta.metrics), *extra.items()):
+    for name, value in (("train_config", meta.train_config), ("metrics", meta.metrics), ("ood", meta.ood),
+                        *extra.items()):
         _dumps(value, name)  # names the culprit as the caller wrote it, e.g. metrics['per_class'][2]
     n = meta.num_classes
     if names is not None and n and len(names) != n:
@@ -221,6 +228,48 @@ def write_safetensors_atomic(
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def update_checkpoint_meta(path: str | os.PathLike, **changes: Any) -> CheckpointMeta:
+    """Replace metadata fields of a checkpoint in place (e.g. ``ood=``); return the new metadata.
+
+    Only the header is rewritten: the tensor bytes are copied unchanged, so the weights stay
+    bit-identical. The new file is written beside the old one and renamed over it, so a crash
+    leaves either the old file or the new one. ``changes`` are :class:`CheckpointMeta` field names.
+    """
+    path = Path(path)
+    names = {f.name for f in dataclasses.fields(CheckpointMeta)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ConfigError(f"cannot update {unknown} of {path}: checkpoint metadata fields are {sorted(names)}.")
+    meta = read_checkpoint_meta(path)
+    new = CheckpointMeta.from_dict(dataclasses.replace(meta, **changes).to_dict())  # validates the changes
+    header = _read_header(path)
+    header["__metadata__"] = {**(header.get("__metadata__") or {}),
+                              METADATA_KEY: _dumps({"kind": _MODEL_KIND, **new.to_dict()}, "metadata")}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            (n,) = struct.unpack("<Q", src.read(8))
+            src.seek(8 + n)
+            dst.write(struct.pack("<Q", len(text)) + text)
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"could not rewrite the metadata of {path}: {err}") from err
+        raise
+    _fsync_dir(path.parent)
+    return read_checkpoint_meta(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +462,7 @@ def _meta_from_dict(data: Mapping[str, Any], where: str) -> CheckpointMeta:
     if dataset is not None and not isinstance(dataset, str):
         raise CheckpointError(f"{where}: dataset must be a string, got {dataset!r}.")
     optional = {}
-    for key in ("train_config", "metrics"):
+    for key in ("train_config", "metrics", "ood"):
         value = data.get(key)
         if value is not None and not isinstance(value, dict):
             raise CheckpointError(f"{where}: {key} must be an object, got {type(value).__name__}.")
@@ -422,7 +471,8 @@ def _meta_from_dict(data: Mapping[str, Any], where: str) -> CheckpointMeta:
     if not isinstance(extra, dict):
         raise CheckpointError(f"{where}: extra must be an object, got {type(extra).__name__}.")
     # Keys a later format-1 writer adds are kept rather than lost.
-    known = set(_REQUIRED) | {"kind", "vitviz_version", "dataset", "class_names", "train_config", "metrics", "extra"}
+    known = set(_REQUIRED) | {"kind", "vitviz_version", "dataset", "class_names", "train_config", "metrics", "extra",
+                              "ood"}
     extra = {**extra, **{k: v for k, v in data.items() if k not in known}}
     return CheckpointMeta(
         family=family,
@@ -437,6 +487,7 @@ def _meta_from_dict(data: Mapping[str, Any], where: str) -> CheckpointMeta:
         vitviz_version=str(data.get("vitviz_version", "0+unknown")),
         format_version=version,
         extra=extra,
+        ood=optional["ood"],
     )
 
 

@@ -101,6 +101,7 @@ class ModelInfo:
     train_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     has_head: bool = True  # False for a headless model (DINOv2, CLIP towers, num_classes=0): it returns features
     token_attention: bool | None = None  # whether attention can be recorded; None: decided by the family
+    ood: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)  # vitviz.ood calibration
     prompts: bool = False  # True for a CLIP over typed prompts: the classes are the user's texts
 
     @property
@@ -206,7 +207,7 @@ def checkpoint_info(entry: CheckpointEntry, meta: Any = None) -> ModelInfo:
     return ModelInfo(
         key=entry.key, label=entry.label, source="checkpoint", family=meta.family, img_size=int(meta.img_size),
         mean=tuple(meta.mean), std=tuple(meta.std), class_names=names, dataset=meta.dataset, path=entry.path,
-        metrics=meta.metrics, extra=meta.extra, train_config=meta.train_config,
+        metrics=meta.metrics, extra=meta.extra, train_config=meta.train_config, ood=getattr(meta, "ood", None),
     )
 
 

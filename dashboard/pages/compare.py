@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import state, trust_panel, ui
 from vitviz import dashboard_support as ds
 
 SHORT = {"attention": "Raw attention", "rollout": "Rollout", "grad-rollout": "Grad-rollout",
@@ -156,6 +156,8 @@ def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dat
     which = st.segmented_control("Scored on", list(sets), default="this", key="faith_set", required=True,
                                  format_func=sets.get)
     pictures = [picture] if which == "this" else [state.sample(n) for n in ds.dataset_samples(dataset)[:8]]
+    if which == "this":
+        ui.ood_caveat(models, picture, "These scores")
     rows, results = [], {}
     with st.spinner("Deleting and inserting pixels…"):
         for loaded in models:
@@ -163,7 +165,7 @@ def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dat
                 r = state.faithfulness(loaded.key, tuple(p.key for p in pictures), method, loaded, pictures)
                 results[(ds.short_name(loaded.info), method)] = r
                 rows.append(ds.faithfulness_row(ds.short_name(loaded.info), loaded.info.family_label,
-                                                SHORT[method], r))
+                                                SHORT.get(method, method), r))
     st.dataframe(ds.drop_empty_columns(rows), hide_index=True, key="faith_table", height="content", column_config={
         "Deletion AUC ↓": st.column_config.NumberColumn(format="%.3f"),
         "Insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
@@ -173,7 +175,8 @@ def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dat
     c1, c2 = st.columns([1, 1.4], gap="large")
     with c1:
         keys = list(results)
-        pick = st.selectbox("Curves of", keys, key="faith_pick", format_func=lambda k: f"{k[0]} · {SHORT[k[1]]}")
+        pick = st.selectbox("Curves of", keys, key="faith_pick",
+                            format_func=lambda k: f"{k[0]} · {SHORT.get(k[1], k[1])}")
         st.markdown("**Deletion** removes the pixels a map calls most important first: if the map is faithful, "
                     "the model's confidence collapses quickly (a low area under the curve). **Insertion** starts "
                     "from a blurred image and adds them back (a high area is good).")
@@ -191,13 +194,13 @@ def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dat
 def explanations_section(models: list[state.Loaded], dataset: str) -> None:
     """Side-by-side overlays and their faithfulness: a new image reruns both, not the whole page."""
     picture = side_by_side_section(models, dataset)
-    faithfulness_section(models, picture, dataset)
+    trust_panel.compare_panel(models, picture, dataset)  # the one scorer (vitviz.explain.trust)
 
 
 ui.sidebar()
 st.title("Compare")
-st.caption("ViT, hybrid and ResNet trained the same way on the same data: how well they do, how they learn, "
-           "and whether they look at the same evidence.")
+st.caption("The checkpoints trained on one dataset, side by side (each with its own recipe, stored in its "
+           "metadata): how well they do, how they learn, and whether they look at the same evidence.")
 with ui.guard("the Compare page"):
     folder = ui.checkpoint_folder()
     entries = [e for e in state.list_checkpoints(folder) if e.usable]
@@ -205,10 +208,11 @@ with ui.guard("the Compare page"):
         st.info(f"No usable checkpoints in {folder}. Train some with `vitviz train`, or name a folder in the sidebar.")
         st.stop()
     datasets = sorted({str(e.meta.dataset or "unknown") for e in entries})
-    st.session_state.setdefault("cmp_dataset", "shapes" if "shapes" in datasets else datasets[0])
-    if st.session_state["cmp_dataset"] not in datasets:
-        st.session_state["cmp_dataset"] = datasets[0]
-    dataset = st.segmented_control("Dataset", datasets, key="cmp_dataset", required=True)
+    current = ui.current_model()
+    ours = str(current.info.dataset) if current is not None and current.info.dataset in datasets else None
+    default = ours or ("shapes" if "shapes" in datasets else datasets[0])
+    # Keyed by the sidebar model's dataset: Compare opens on the dataset of the model picked in the sidebar.
+    dataset = st.segmented_control("Dataset", datasets, default=default, key=f"cmp_dataset_{default}", required=True)
     chosen = [e for e in entries if str(e.meta.dataset or "unknown") == dataset]
     device = st.session_state.get("device", "cpu")
     models = [state.load_checkpoint(e.path, e.key, device) for e in chosen]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, ui
+from dashboard.captions import attention_distance_caption, position_similarity_caption
 from vitviz import dashboard_support as ds
 
 
@@ -51,15 +52,14 @@ def position_section(loaded: state.Loaded) -> None:
         fig.update_layout(height=520)
         st.plotly_chart(fig, key="pos_grid")
         st.caption(f"Tile (row, column) of this {gh}×{gw} grid shows how similar that patch's position embedding is "
-                   "to every other patch's (cosine). Nearby patches have similar embeddings, and a row/column "
-                   "structure appears: the model learned 2-D image topology from 1-D position indices.")
+                   f"to every other patch's (cosine). {position_similarity_caption(sim)}")
     with c2:
         st.session_state.setdefault(f"pos_row_{gh}", gh // 2)
         st.session_state.setdefault(f"pos_col_{gw}", gw // 2)
         row = st.slider("Patch row", 0, gh - 1, key=f"pos_row_{gh}")
         col = st.slider("Patch column", 0, gw - 1, key=f"pos_col_{gw}")
         st.plotly_chart(patch_similarity_figure(sim, row, col, title=f"Patch ({row}, {col})"), key="pos_one")
-        st.caption("One tile enlarged: the chosen patch (×) is most similar to itself and its neighbours.")
+        st.caption("One tile enlarged: the chosen patch (×) and its similarity to every other patch.")
 
 
 @ui.fragment("the attention distances")
@@ -77,10 +77,11 @@ def distance_section(loaded: state.Loaded) -> None:
         st.markdown(
             "Each dot is one head: the average distance, in pixels, between a query patch and the patches it "
             "attends to, weighted by attention. It is the transformer's analogue of a CNN's receptive field.")
-        st.markdown(
-            "In the paper, some heads of the lowest layers already attend across most of the image while others "
-            "stay local; with depth, every head's distance grows. Hybrids, whose CNN stem already did the local "
-            "work, show fewer local heads.")
+        st.markdown(attention_distance_caption(dist, loaded.info.img_size))
+        st.caption(
+            "In the ViT paper (ImageNet-scale training), some heads of the lowest layers already attend across "
+            "most of the image while others stay local, and distances grow with depth; small models trained on "
+            "small data need not follow it.")
         st.caption(f"Averaged over {n} bundled images at {loaded.info.img_size}×{loaded.info.img_size} px.")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import state, trust_panel, ui
 from dashboard.widgets import explanation_controls, head_label, layer_slider, patch_picker_figure, picked_patch
 from vitviz import dashboard_support as ds
 from vitviz.errors import InvalidImageError
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+UPLOAD_KEY = "vitviz.upload"  # session_state: the last decoded upload, kept while other pages are open
 
 METHOD_NOTES = {
     "attention": "What one layer's readout (the class token, or for a mean-pooled model the mean of all patch "
@@ -20,29 +21,51 @@ METHOD_NOTES = {
                     "class-specific.",
     "chefer": "Relevance of Chefer et al. (2021): attention × gradient, propagated through the layers. "
               "Class-specific, usually the sharpest for ViTs.",
-    "gradcam": "Grad-CAM: feature-map channels weighted by how much they raise the target class's score. "
-               "Works for CNNs and transformers alike.",
+    "gradcam": "Grad-CAM: feature-map channels weighted by how much they raise the target class's score. Made "
+               "for CNNs; on a transformer it reads one block's tokens as the feature map, where it is often less "
+               "faithful than the attention-based methods (Compare scores each method's faithfulness).",
 }
 
 
+def _forget_upload() -> None:
+    # The user changed the uploader (a new file, or removed it): the kept upload is no longer theirs.
+    st.session_state.pop(UPLOAD_KEY, None)
+
+
 def pick_picture(info: ds.ModelInfo) -> state.Picture | None:
-    """The uploaded image when there is one (decoded safely), else the chosen bundled sample."""
+    """The uploaded image when there is one (decoded safely), else the chosen bundled sample.
+
+    Streamlit forgets a file uploader's file when its page is left, so the decoded upload is kept in
+    session_state and shown again on return, until the user removes it.
+    """
     upload = st.file_uploader(
-        "Upload an image", type=IMAGE_TYPES, key="upload",
+        "Upload an image", type=IMAGE_TYPES, key="upload", on_change=_forget_upload,
         help="PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF. It is decoded safely; odd modes are converted.",
     )
+    kept = st.session_state.get(UPLOAD_KEY) if upload is None else None
+    if kept is not None:
+        c1, c2 = st.columns([3, 1], vertical_alignment="center")
+        if c2.button("Remove", key="forget_upload", icon=":material/close:"):
+            _forget_upload()
+            kept = None
+        else:
+            c1.caption(f"Showing **{kept.name}**, uploaded earlier.")
     names = ds.sample_names()
     # Follow the model's dataset (a digit for a digits model) until the user picks a sample themselves.
     default = ds.default_sample(info.dataset)
     if st.session_state.get("sample") in (None, st.session_state.get("_sample_auto")):
         st.session_state["sample"] = default
     st.session_state["_sample_auto"] = default
-    st.selectbox("…or pick a bundled sample", names, key="sample", disabled=upload is not None,
+    st.selectbox("…or pick a bundled sample", names, key="sample", disabled=upload is not None or kept is not None,
                  help="Shapes scenes come with the object's true mask; digits and photos ship with scikit-learn.")
+    if kept is not None:
+        return kept
     if upload is None:
         return state.sample(st.session_state["sample"])
     try:
-        return state.decode_upload(upload.getvalue(), upload.name)
+        picture = state.decode_upload(upload.getvalue(), upload.name)
+        st.session_state[UPLOAD_KEY] = picture
+        return picture
     except InvalidImageError as err:
         st.error(f"**This file can't be used.** {err}")
         return None
@@ -77,9 +100,11 @@ def explanation_section(subject: state.Subject, probs) -> None:
 
     methods = methods_for(subject.model)
     key = f"method_{len(methods)}"
-    if key not in st.session_state:
-        st.session_state[key] = "chefer" if "chefer" in methods else methods[0]
-    method = st.selectbox("Method", methods, key=key, format_func=lambda m: METHOD_LABELS.get(m, m))
+    # The default goes in as index=, not through session_state: a selectbox re-created with a value
+    # written into session_state shows its default option in the browser while the script uses the
+    # written value (the method box read "Raw attention" above Chefer's map).
+    default = methods.index("chefer") if "chefer" in methods else 0
+    method = st.selectbox("Method", methods, index=default, key=key, format_func=lambda m: METHOD_LABELS.get(m, m))
     kwargs = explanation_controls(subject, method, probs)
     st.caption(METHOD_NOTES.get(method, ""))
     emap = state.explanation(*subject.key, method, ds.params_key(kwargs), subject, kwargs)
@@ -162,7 +187,7 @@ def heads_section(subject: state.Subject, depth: int, heads: int) -> None:
     readout = token_layout(subject.model, subject.info.img_size, subject.info.img_size).readout
     source = "the class token" if readout == "token" else "the mean of the patch tokens (the model pools by mean)"
     st.caption(f"Each of the {heads} heads of layer {layer} looks from {source} at every patch, "
-               "each scaled to its own range: heads specialise, some on the object, some on the background.")
+               "each scaled to its own range, so compare where each head looks, not how strongly.")
 
 
 @ui.fragment("the patch attention")
@@ -185,8 +210,9 @@ def patch_section(subject: state.Subject, depth: int, heads: int) -> None:
         fig = patch_picker_figure(subject, amap, grid, (row, col))
         st.plotly_chart(fig, key="patch_pick", on_select="rerun", selection_mode="points",
                         config={"displayModeBar": False})
-    st.caption(f"Attention of patch ({row}, {col}) (boxed) to every patch in layer {layer}. In early layers "
-               "patches mostly look at their neighbours; deeper, they gather from the whole image.")
+    st.caption(f"Attention of patch ({row}, {col}) (boxed) to every patch in layer {layer}. Move through the layers "
+               "to see whether it looks at its neighbours or gathers from the whole image; the Embeddings page "
+               "measures this distance for every head.")
 
 
 @ui.fragment("the feature components")
@@ -233,9 +259,11 @@ with ui.guard("the Explore page"):
             st.caption(f"{picture.name} · {w}×{h} px — the model sees the centre square resized to "
                        f"{loaded.info.img_size}×{loaded.info.img_size}.")
             show_prediction(subject, probs)
+            ui.ood_warning(subject)
         with right:
             st.subheader("Explanation", divider="gray")
             explanation_section(subject, probs)
+            trust_panel.explore_panel(subject)  # which map to trust here (on request)
         dims = ds.transformer_dims(loaded.model)
         if dims is None and not loaded.info.has_attention:
             st.info("This model has no attention we can record (a CNN), so Grad-CAM and feature similarity apply. "

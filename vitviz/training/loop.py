@@ -35,6 +35,7 @@ from vitviz.evaluate import autocast, confusion_and_loss, evaluate
 from vitviz.metrics import classification_report
 from vitviz.models.layers import set_training_attention
 from vitviz.models.registry import ModelConfig, build_model, preset_config
+from vitviz.ood import calibrate as calibrate_ood
 from vitviz.training import distributed
 from vitviz.training.config import TrainConfig, check_resume_compatible
 from vitviz.training.distill import Teacher, distillation_loss
@@ -459,7 +460,9 @@ class _Run:
         metrics = {**(meta.metrics or {}), **{f"test_{k}": test[k] for k in _SCALARS},
                    "test_num_samples": test["num_samples"], "train_time_s": round(self.state.train_time_s, 3),
                    "cpu_time_s": round(self.state.cpu_time_s, 3)}
-        self._save(BEST, best_model, metrics, test_per_class=test["per_class"],
+        ood = calibrate_ood(best_model, self.data.train.images, self.data.val.images, mean=self.data.mean,
+                            std=self.data.std, batch_size=self.config.eval_batch_size) if len(self.data.val) else None
+        self._save(BEST, best_model, metrics, ood=ood, test_per_class=test["per_class"],
                    test_confusion_matrix=test["confusion_matrix"])
         summary = {"model": self.config.model, "family": self.family, "dataset": self.data.name,
                    "num_params": self.num_params, "num_train": len(self.data.train), "best_epoch": metrics.get("epoch"),
