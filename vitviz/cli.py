@@ -308,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_explain_parser(sub)  # `vitviz explain IMAGE ...`: its handler is set by the explain module
 
+    from vitviz.represent.cli import add_parser as add_represent_parser
+
+    add_represent_parser(sub)  # `vitviz represent --models ...`: CKA grids, probes, logit lens
+
+    from vitviz.explain.trust_cli import add_parser as add_trust_parser
+
+    add_trust_parser(sub)  # `vitviz trust --checkpoint F --images DIR --out DIR`: which explanation to trust
+
     p = sub.add_parser("models", help="list the model presets (or, with --pretrained, some real pretrained names)")
     p.add_argument("--family", choices=("vit", "hybrid", "resnet"))
     p.add_argument("--pretrained", action="store_true",

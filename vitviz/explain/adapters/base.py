@@ -9,7 +9,10 @@ An :class:`Adapter` wraps one model and says
 * what the head reads (:meth:`Adapter.readout`, a weight vector over the final tokens: the class
   token; class and distillation token averaged; the patch mean; an attention pool's own attention);
 * where Grad-CAM reads its feature map (:meth:`Adapter.cam_forward`);
-* which methods are not defined for it, and why (:meth:`Adapter.refusal`).
+* which methods are not defined for it, and why (:meth:`Adapter.refusal`);
+* which modules' outputs are its layers' representations (:meth:`Adapter.layers`), and how one
+  such output splits into a readout vector and grid tokens (:meth:`Adapter.split_layer`), for
+  layer-by-layer comparisons (:mod:`vitviz.represent`).
 
 Downstream code (rollout, relevance, Grad-CAM, Fig. 7 analyses, dashboard, CLI) asks the adapter
 and never the model's class. A new family is one small module that subclasses :class:`Adapter`
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,8 +34,9 @@ from torch import nn
 from vitviz.errors import ExplainError
 
 __all__ = [
-    "Adapter", "AttentionRecord", "CamForward", "Recording", "Reduce", "Tokens", "as_map", "attn_drop_recorder",
-    "block_index", "check_block", "grid_tokens_to_map", "hooked_forward", "readout_vector", "record_only",
+    "Adapter", "AttentionRecord", "CamForward", "Layer", "LayerSplit", "Recording", "Reduce", "Tokens", "as_map",
+    "attn_drop_recorder", "backbone_layers", "block_index", "check_block", "feature_info_layers", "first_tensor",
+    "grid_tokens_to_map", "hooked_forward", "readout_vector", "record_only", "stage_blocks",
 ]
 
 
@@ -93,6 +98,33 @@ class Recording:
     features: torch.Tensor | None = None  # last tokens the head pools, when the adapter keeps them
 
 
+class Layer(NamedTuple):
+    """One layer of a model for representation analyses: the module whose output is its representation."""
+
+    label: str  # module path, e.g. "blocks.3" or "layer2.1"
+    module: nn.Module
+    stage: int  # layers of one stage share a token grid (or feature-map size); stages count from 0
+
+
+@dataclass
+class LayerSplit:
+    """One layer's output for a batch, as tokens: ``prefix`` tokens then a row-major ``grid``.
+
+    A CNN's (B, C, h, w) map becomes (B, h*w, C) grid tokens with no prefix; ``readout`` is what the
+    layer offers a head: the class token (or class and distillation tokens averaged) where the model's
+    head reads it, else the mean of the grid tokens (a CNN's global average pool).
+    """
+
+    tokens: torch.Tensor  # (B, N, D)
+    prefix: int
+    grid: tuple[int, int]
+    readout: torch.Tensor  # (B, D)
+
+    @property
+    def patches(self) -> torch.Tensor:
+        return self.tokens[:, self.prefix:]  # (B, gh*gw, D)
+
+
 @dataclass
 class CamForward:
     """One forward pass with the Grad-CAM feature map kept in the graph."""
@@ -121,6 +153,9 @@ class Adapter:
     # call order: then a method that needs one layer (raw attention) records only that one, and every
     # other layer keeps its fused kernel (see ``record_only``).
     one_module_per_layer: bool = False
+    # Whether the 4-d outputs of the modules :meth:`layers` names are channels-last (B, h, w, C), as
+    # Swin's blocks; otherwise they are read as (B, C, h, w).
+    layers_channels_last: bool = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -217,6 +252,82 @@ class Adapter:
             cell = (math.ceil(x.shape[-2] / fmap.shape[-2]), math.ceil(x.shape[-1] / fmap.shape[-1]))
         return fmap.permute(0, 2, 3, 1), cell, logits
 
+    # --- layers, for representation analyses ----------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        """Every block's (transformer) or stage's (CNN) representation, in forward order.
+
+        Default: each module of a flat ``model.blocks`` list, all in stage 0. Multi-stage families
+        override it (stage s's blocks in stage s; a hybrid's CNN stages before its transformer blocks).
+        """
+        blocks = getattr(self.model, "blocks", None)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+            return [Layer(f"blocks.{i}", blk, 0) for i, blk in enumerate(blocks)]
+        raise ExplainError(f"vitviz does not know the layers of {type(self.model).__name__}; layer-by-layer "
+                           "analyses need a vitviz, timm or Hugging Face model with an adapter.")
+
+    def layer_tokens(self, stage: int, height: int, width: int) -> Tokens | None:
+        """The tokens of a ``stage`` layer's output for a ``height`` x ``width`` input; None: read the shape.
+
+        Default: each stage's own grid where the adapter knows it (``stage_tokens``), the final
+        tokens for a transformer's last stage, and None (a feature map) for anything else.
+        """
+        per_stage = getattr(self, "stage_tokens", None)
+        if callable(per_stage):
+            tokens = per_stage(height, width)
+            if 0 <= stage < len(tokens):
+                return tokens[stage]
+        if self.kind == "transformer" and stage == self.layers()[-1].stage:
+            return self.final_tokens(height, width)
+        return None
+
+    def split_layer(self, output: object, stage: int, height: int, width: int) -> LayerSplit:
+        """A ``stage`` layer's output (as its module returned it) as tokens, prefix, grid and readout.
+
+        Handles (B, N, D) tokens, (B, C, h, w) and (B, h, w, C) maps, and tuples whose first item is
+        the tensor (blocks that also return attention, Hugging Face layers).
+        """
+        t = first_tensor(output)
+        known = self.layer_tokens(stage, height, width)
+        if t.ndim == 4:
+            if self._channels_last():
+                t = t.permute(0, 3, 1, 2)  # (B, h, w, C) -> (B, C, h, w)
+            grid = (int(t.shape[2]), int(t.shape[3]))
+            tokens, prefix = t.flatten(2).transpose(1, 2), 0  # (B, h*w, C)
+        elif t.ndim == 3:
+            tokens = t
+            prefix, grid = _token_layout(int(t.shape[1]), known)
+        else:
+            raise ExplainError(f"a layer output of shape {tuple(t.shape)} is neither tokens (B, N, D) nor a "
+                               "feature map (B, C, h, w).")
+        how = self.readout_kind() if prefix > 0 else "mean"
+        if how == "token":
+            readout = tokens[:, 0]  # (B, D)
+        elif how == "dist" and prefix >= 2:
+            readout = tokens[:, :2].mean(dim=1)  # (B, D)
+        else:  # mean, and pooled readouts (max, attention pool), which an inner layer does not have
+            readout = tokens[:, prefix:].mean(dim=1)  # (B, D)
+        return LayerSplit(tokens=tokens, prefix=prefix, grid=grid, readout=readout)
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """A logit lens: the layer's output through the final norm and the head (B, classes), or None.
+
+        Defined for a transformer's last-stage layers when the model is ``norm`` then ``forward_head``
+        after its blocks; callers check that the last layer gives the model's own logits.
+        """
+        head = getattr(self.model, "forward_head", None)
+        if self.kind != "transformer" or not self.has_head or head is None or stage != self.layers()[-1].stage:
+            return None
+        t = first_tensor(output)
+        norm = getattr(self.model, "norm", None)
+        return head(norm(t) if isinstance(norm, nn.Module) else t)
+
+    def _channels_last(self) -> bool:
+        """Whether 4-d layer outputs are (B, h, w, C): ``layers_channels_last`` (Swin) or timm's NHWC models."""
+        if self.layers_channels_last:
+            return True
+        fmt = getattr(self.model, "output_fmt", None)
+        return getattr(fmt, "value", fmt) == "NHWC"
+
     # --- what a ViT learned (Fig. 7) ---------------------------------------------------------------
     def patch_embedding_weight(self) -> torch.Tensor | None:
         """Patch projection filters (D, C, p, p) when the stem is a linear patch projection, else None."""
@@ -243,6 +354,75 @@ def readout_vector(tokens: Tokens, how: str, device: torch.device | str = "cpu",
     else:
         v[tokens.prefix:] = 1.0 / tokens.num_grid
     return v
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """The tensor a module returned: itself, or the first item of a tuple or list (blocks that also return
+    attention weights, Hugging Face layers)."""
+    while isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ExplainError(f"a layer returned {type(output).__name__}, not a tensor of features.")
+    return output
+
+
+def _token_layout(n: int, known: Tokens | None) -> tuple[int, tuple[int, int]]:
+    """(prefix, grid) of n tokens: the known set, the same grid without its prefix (patch-only layers),
+    or else the largest square grid after at most 8 prefix tokens."""
+    if known is not None and n == known.n:
+        return known.prefix, known.grid
+    if known is not None and n == known.num_grid:
+        return 0, known.grid
+    for prefix in range(0, min(n, 9)):
+        side = math.isqrt(n - prefix)
+        if side > 0 and side * side == n - prefix:
+            return prefix, (side, side)
+    raise ExplainError(f"cannot place {n} tokens on a grid; the adapter must say this layer's tokens "
+                       "(Adapter.layer_tokens).")
+
+
+def stage_blocks(stages: Sequence[nn.Module], path: str, blocks: str = "blocks", first_stage: int = 0) -> list[Layer]:
+    """Layers ``{path}.{s}.{blocks}.{j}`` of a multi-stage model: each stage's blocks, in stage s."""
+    out = []
+    for s, stage in enumerate(stages):
+        for j, blk in enumerate(getattr(stage, blocks) if blocks else stage):
+            label = f"{path}.{s}.{blocks}.{j}" if blocks else f"{path}.{s}.{j}"
+            out.append(Layer(label, blk, first_stage + s))
+    return out
+
+
+def backbone_layers(backbone: nn.Module, path: str) -> list[Layer]:
+    """A CNN's layers: our ResNet's residual blocks (stage = ResNet stage); a timm network's ``stages``
+    or ``feature_info`` modules; else the whole network as one layer."""
+    dot = f"{path}." if path else ""
+    names = getattr(backbone, "stage_names", None)
+    if names:
+        return [Layer(f"{dot}{name}.{j}", blk, s) for s, name in enumerate(names)
+                for j, blk in enumerate(getattr(backbone, name))]
+    stages = getattr(backbone, "stages", None)
+    if isinstance(stages, (nn.ModuleList, nn.Sequential)) and len(stages) > 0:
+        return [Layer(f"{dot}stages.{s}", stage, s) for s, stage in enumerate(stages)]
+    layers = feature_info_layers(backbone, path)
+    if layers:
+        return layers
+    return [Layer(path or "backbone", backbone, 0)]
+
+
+def feature_info_layers(model: nn.Module, path: str = "") -> list[Layer]:
+    """The modules timm's ``feature_info`` names (each stage's output), one stage each; [] when it has none."""
+    info = getattr(model, "feature_info", None)
+    entries = info.get_dicts() if hasattr(info, "get_dicts") else info
+    names = [e.get("module") for e in entries] if isinstance(entries, list) else []
+    if not names or not all(names):
+        return []
+    dot, out = f"{path}." if path else "", []
+    for s, name in enumerate(names):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # a features_only wrapper keeps "stages.0" as the attribute "stages_0"
+            module = model.get_submodule(name.replace(".", "_"))
+        out.append(Layer(f"{dot}{name}", module, s))
+    return out
 
 
 def grid_tokens_to_map(tokens: torch.Tensor, set_: Tokens) -> torch.Tensor:

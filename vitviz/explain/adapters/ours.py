@@ -14,10 +14,12 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     as_map,
+    backbone_layers,
     check_block,
     grid_tokens_to_map,
     hooked_forward,
@@ -62,6 +64,13 @@ class OurTransformer(Adapter):
 
     def depth(self) -> int:
         return len(self.model.blocks)
+
+    def layers(self) -> list[Layer]:
+        """The blocks (stage 0); a hybrid's CNN stages come first (stages 0..k-1), its blocks in stage k."""
+        backbone = getattr(self.model.patch_embed, "backbone", None)
+        cnn = backbone_layers(backbone, "patch_embed.backbone") if backbone is not None else []
+        first = cnn[-1].stage + 1 if cnn else 0
+        return cnn + [Layer(f"blocks.{i}", blk, first) for i, blk in enumerate(self.model.blocks)]
 
     def heads(self) -> int:
         return int(self.model.blocks[0].attn.num_heads)
@@ -114,6 +123,10 @@ class OurResNet(Adapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return _is_ours(model) and model.family == "resnet"
+
+    def layers(self) -> list[Layer]:
+        """Every residual block, in the stage it belongs to."""
+        return backbone_layers(self.model, "")
 
     def cam_forward(self, x: torch.Tensor, layer: int | None) -> CamForward:
         if layer is not None:

@@ -132,6 +132,10 @@ class TimmCrossViT(Adapter):
             offset += depth + fusion_depth
         return out
 
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """None: the head averages both branches' class tokens; one block's output is one branch, so no logit lens."""
+        return None
+
     def depth(self) -> int:
         layers = self._layers(*self.model.img_size)
         return max(layer.block for layer in layers) + 1 if layers else 0

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vitviz.explain.adapters import register
-from vitviz.explain.adapters.base import Adapter, as_map
+from vitviz.explain.adapters.base import Adapter, Layer, as_map, feature_info_layers
 
 
 def _looks_like_attention(model: nn.Module) -> bool:
@@ -43,6 +43,10 @@ class TimmGeneric(Adapter):
             return (f"{type(self.model).__name__} is a CNN: it has no attention layers, and {what} needs attention; "
                     "use method='gradcam'.")
         return None
+
+    def layers(self) -> list[Layer]:
+        """The stages timm's ``feature_info`` names (a CNN's stage outputs), else the default (flat blocks)."""
+        return feature_info_layers(self.model) or super().layers()
 
     def features_to_map(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.ndim == 4:

@@ -29,7 +29,17 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import register
-from vitviz.explain.adapters.base import Adapter, AttentionRecord, Recording, Reduce, Tokens, as_map, readout_vector
+from vitviz.explain.adapters.base import (
+    Adapter,
+    AttentionRecord,
+    Layer,
+    Recording,
+    Reduce,
+    Tokens,
+    as_map,
+    readout_vector,
+    stage_blocks,
+)
 from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import stage_refusal
 
@@ -140,6 +150,10 @@ class TimmLevit(Adapter):
 
     def readout(self, tokens: Tokens, recording: Recording | None = None) -> torch.Tensor:
         return readout_vector(tokens, "mean")  # both heads of the distilled model read the same mean
+
+    def layers(self) -> list[Layer]:
+        """Each stage's blocks (``stages.s.blocks.j``) on that stage's grid."""
+        return stage_blocks(self.model.stages, "stages")
 
     def depth(self) -> int:
         return len(self._layers())

@@ -26,6 +26,7 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
@@ -34,6 +35,7 @@ from vitviz.explain.adapters.base import (
     grid_tokens_to_map,
     hooked_forward,
     readout_vector,
+    stage_blocks,
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
@@ -89,6 +91,10 @@ class TimmPiT(Adapter):
         """(module path, block, stage) of every block in call order."""
         return [(f"transformers.{s}.blocks.{j}", blk, s) for s, stage in enumerate(self.model.transformers)
                 for j, blk in enumerate(stage.blocks)]
+
+    def layers(self) -> list[Layer]:
+        """Each stage's blocks (``transformers.s.blocks.j``) over the class token(s) and that stage's grid."""
+        return stage_blocks(self.model.transformers, "transformers")
 
     def depth(self) -> int:
         return len(self._blocks())

@@ -28,11 +28,13 @@ from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     attn_drop_recorder,
     readout_vector,
+    stage_blocks,
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
@@ -101,6 +103,14 @@ class TimmPVTv2(Adapter):
         """(module path, attention, stage) in call order."""
         return [(f"stages.{s}.blocks.{j}.attn", blk.attn, s) for s, stage in enumerate(self.model.stages)
                 for j, blk in enumerate(stage.blocks)]
+
+    def layers(self) -> list[Layer]:
+        """Each stage's blocks (``stages.s.blocks.j``) on that stage's grid."""
+        return stage_blocks(self.model.stages, "stages")
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """None: the head reads the last stage as a (B, C, h, w) map, not the blocks' tokens: no logit lens."""
+        return None
 
     def depth(self) -> int:
         return len(self._attentions())

@@ -37,12 +37,14 @@ from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     as_map,
     attn_drop_recorder,
     readout_vector,
+    stage_blocks,
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
 
@@ -129,6 +131,7 @@ class TimmSwin(Adapter):
     one_module_per_layer = True
     stagewise_rollout = True  # start_layer inside the last stage rolls out that stage
     family = "hierarchical"
+    layers_channels_last = True  # the blocks return (B, h, w, C)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -178,6 +181,10 @@ class TimmSwin(Adapter):
         """(module path, block, stage) of every block in call order."""
         return [(f"layers.{s}.blocks.{j}", blk, s) for s, layer in enumerate(self.model.layers)
                 for j, blk in enumerate(layer.blocks)]
+
+    def layers(self) -> list[Layer]:
+        """Each stage's blocks (``layers.s.blocks.j``) in stage s; their outputs are (B, h, w, C) maps."""
+        return stage_blocks(self.model.layers, "layers")
 
     def depth(self) -> int:
         return len(self._blocks())

@@ -38,12 +38,14 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     attn_drop_recorder,
     grid_tokens_to_map,
     readout_vector,
+    stage_blocks,
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
 from vitviz.explain.adapters.timm_pvt import pooled_keys
@@ -95,6 +97,10 @@ class TimmTwins(Adapter):
         """(module path, attention, stage) in call order."""
         return [(f"blocks.{s}.{j}.attn", blk.attn, s) for s, blocks in enumerate(self.model.blocks)
                 for j, blk in enumerate(blocks)]
+
+    def layers(self) -> list[Layer]:
+        """Each stage's blocks (``blocks.s.j``) on that stage's grid."""
+        return stage_blocks(self.model.blocks, "blocks", blocks="")
 
     def depth(self) -> int:
         return len(self._attentions())

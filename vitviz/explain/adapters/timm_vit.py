@@ -31,11 +31,13 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     as_map,
     attn_drop_recorder,
+    backbone_layers,
     block_index,
     check_block,
     grid_tokens_to_map,
@@ -163,6 +165,13 @@ class TimmViT(Adapter):
         return 0.5 * w_max + 0.5 * readout_vector(tokens, "mean", w_max.device, w_max.dtype)  # avgmax
 
     # --- attention ----------------------------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        """The blocks; a hybrid's CNN backbone stages come first (stages 0..k-1), its blocks in stage k."""
+        backbone = getattr(self.model.patch_embed, "backbone", None)
+        cnn = backbone_layers(backbone, "patch_embed.backbone") if backbone is not None else []
+        first = cnn[-1].stage + 1 if cnn else 0
+        return cnn + [Layer(f"blocks.{i}", blk, first) for i, blk in enumerate(self.model.blocks)]
+
     def depth(self) -> int:
         return len(self.model.blocks)
 

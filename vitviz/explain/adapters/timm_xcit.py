@@ -82,6 +82,10 @@ class TimmXcit(Adapter):
         return readout_vector(tokens, self.readout_kind())
 
     # --- attention ----------------------------------------------------------------------------------
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """None: the class-attention blocks run between these layers and the head, so no logit lens."""
+        return None
+
     def depth(self) -> int:
         return len(self.model.blocks) + len(self._class_blocks())
 

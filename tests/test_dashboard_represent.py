@@ -1,0 +1,75 @@
+"""The Representations page driven headlessly with ``streamlit.testing.v1.AppTest`` on tiny demo checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = str(ROOT / "dashboard" / "app.py")
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from dashboard.demo import write_demo_checkpoints
+
+    ckpts = tmp_path_factory.mktemp("ckpts")
+    write_demo_checkpoints(ckpts)
+    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "HF_HUB_OFFLINE")}
+    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), HF_HUB_OFFLINE="1")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    at.switch_page("pages/representations.py").run()
+    yield at
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def chart_ids(at: AppTest) -> list[str]:
+    return [getattr(c.proto, "id", "") for c in at.get("plotly_chart")]
+
+
+def test_the_page_shows_cka_curves_map_and_errors(app):
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error, [e.value for e in app.error]
+    assert "Representations" in [t.value for t in app.title]
+    ids = " ".join(chart_ids(app))
+    for key in ("rep_cka", "rep_probes", "rep_lens", "rep_map"):  # demo models: a ViT, a hybrid, a ResNet
+        assert key in ids
+    other = app.selectbox(key="rep_other")
+    assert len(other.options) == 3  # the three demo families of the dataset
+    assert app.slider(key="rep_gallery_n") is not None  # untrained demo models make errors to show
+    assert len(app.get("image")) == 4 * 4  # 4 errors, each: the image and 3 explanations
+
+
+def test_another_model_and_features_recompute_the_grid(app):
+    box = app.selectbox(key="rep_other")
+    before = len(app.get("plotly_chart"))
+    for option in box.options:
+        app.selectbox(key="rep_other").set_value(option).run()
+        assert not app.exception, [e.value for e in app.exception]
+    app.radio(key="rep_rep").set_value("readout").run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert not app.error
+    assert len(app.get("plotly_chart")) == before
+
+
+def test_the_embedding_layer_changes_only_the_map(app):
+    first = app.selectbox(key="rep_layer").options[0]
+    app.selectbox(key="rep_layer").set_value(first).run()
+    assert app.selectbox(key="rep_layer").value == first
+    assert not app.exception, [e.value for e in app.exception]
+    assert "rep_map" in " ".join(chart_ids(app))

@@ -1,0 +1,53 @@
+"""The logit lens for transformers with a head: each layer's tokens through the final norm and the head.
+
+Where the last layer's lens is the model itself (checked on every batch: the largest difference from
+the model's logits is reported), the curve says from which depth the final answer is already there:
+per layer, the fraction of images whose lens top-1 equals the model's prediction, and its accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitviz.errors import ExplainError
+from vitviz.represent.features import Readouts
+
+__all__ = ["LensResult", "logit_lens"]
+
+LENS_TOLERANCE = 1e-3  # the last layer's lens must give the model's logits up to float rounding
+
+
+@dataclass
+class LensResult:
+    """Per-layer agreement of the lens top-1 with the final prediction, and its accuracy (None: no labels)."""
+
+    name: str
+    labels: list[str]
+    agreement: list[float]
+    accuracy: list[float] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.name, "labels": self.labels, "agreement": [round(a, 5) for a in self.agreement],
+                "accuracy": None if self.accuracy is None else [round(a, 5) for a in self.accuracy]}
+
+
+def logit_lens(readouts: Readouts, targets: torch.Tensor | np.ndarray | None = None, *, name: str = "") -> LensResult:
+    """The lens curve of the layers where it is defined (a transformer's last stage)."""
+    layers = [k for k, p in enumerate(readouts.lens_pred) if p is not None]
+    if not layers:
+        raise ExplainError(f"{name or 'this model'} has no logit lens: it needs a transformer whose blocks feed "
+                           "the final norm and head directly (not a CNN, nor a model with class-attention layers).")
+    if readouts.lens_error > LENS_TOLERANCE:
+        raise ExplainError(f"the last layer passed through the final norm and head differs from the model's logits "
+                           f"by {readouts.lens_error:.3g}: something runs between the blocks and the head, so a "
+                           "logit lens would not describe this model.")
+    pred = readouts.pred
+    y = None if targets is None else torch.as_tensor(np.asarray(targets))
+    agreement = [float((readouts.lens_pred[k] == pred).float().mean()) for k in layers]
+    accuracy = None if y is None else [float((readouts.lens_pred[k] == y).float().mean()) for k in layers]
+    return LensResult(name=name, labels=[readouts.labels[k] for k in layers], agreement=agreement,
+                      accuracy=accuracy)
