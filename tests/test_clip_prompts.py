@@ -210,3 +210,13 @@ def test_cli_explains_a_prompt_and_lists_prompt_probabilities(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "a dog" in text and "explained class: a red car (index 1)" in text
     assert out.is_file() and np.load(out.with_suffix(".npy")).shape == (224, 224)
+
+
+def test_the_logit_lens_of_a_prompt_classifier_ends_at_its_logits(clip, x):
+    from vitviz.represent.features import layer_features
+
+    fp = layer_features(clip, x, lens=True)
+    assert [f.label for f in fp.layers] == [f"transformer.resblocks.{i}" for i in range(3)]
+    with torch.no_grad():
+        torch.testing.assert_close(fp.layers[-1].lens_logits, clip(x), atol=1e-5, rtol=1e-5)
+    assert fp.layers[-1].split.prefix == 1 and fp.layers[-1].grid == (4, 4)

@@ -277,3 +277,20 @@ def test_swin_rolls_out_its_last_stage_like_the_models_own_attention(tmp_path, x
     expected = naive_rollout_row([last], torch.full((2, 16), 1 / 16)).reshape(2, 4, 4)
     got = explain_details(model, x, "rollout", start_layer=2, upsample=False)
     torch.testing.assert_close(got.grid_maps.double(), expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n, spec in ARCHS.items() if spec[-1]] + ["swin"])
+def test_layer_features_and_the_logit_lens_end_at_the_models_own_logits(folders, x, name):
+    from vitviz.represent.features import layer_features
+
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    fp = layer_features(model, x, lens=True)
+    assert len(fp.layers) == (4 if name == "swin" else 3)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(fp.layers[-1].lens_logits, expected, atol=1e-5, rtol=1e-5)
+    # the lens of an earlier layer is a real, different reading of the same head
+    earlier = fp.layers[-2].lens_logits
+    assert earlier is not None and not torch.allclose(earlier, expected)
+    grids = [f.grid for f in fp.layers]
+    assert grids == ([(8, 8), (8, 8), (4, 4), (4, 4)] if name == "swin" else [(4, 4)] * 3)

@@ -30,10 +30,12 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     check_block,
+    first_tensor,
     grid_tokens_to_map,
     hooked_forward,
     readout_vector,
@@ -122,6 +124,20 @@ class PromptAdapter(Adapter):
         with torch.no_grad():
             return feats, cell, self._logits(out)
 
+    def layers(self) -> list[Layer]:
+        return self.inner.layers()
+
+    def split_layer(self, output: object, stage: int, height: int, width: int):  # noqa: ANN201
+        return self.inner.split_layer(output, stage, height, width)
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """The logit lens of a prompt classifier: a layer's tokens made into an image embedding the way the tower
+        makes its last layer's, then scored against the prompts."""
+        embed = getattr(self.inner, "embedding_from_tokens", None)
+        if embed is None or stage != self.inner.layers()[-1].stage:
+            return None
+        return self._logits(embed(first_tensor(output)))
+
     def patch_embedding_weight(self) -> torch.Tensor | None:
         return self.inner.patch_embedding_weight()
 
@@ -201,6 +217,22 @@ class OpenClipViT(Adapter):
 
     def heads(self) -> int | None:
         return int(self._blocks()[0].attn.num_heads)
+
+    def layers(self) -> list[Layer]:
+        return [Layer(f"transformer.resblocks.{i}", blk, 0) for i, blk in enumerate(self._blocks())]
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        return None  # an image embedding, not class scores (a PromptClassifier's adapter scores the prompts)
+
+    def embedding_from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The image embedding from a layer's tokens (B, N, D) -> (B, E), as the tower's own pooling does it."""
+        m = self.model
+        if getattr(m, "final_ln_after_pool", False):
+            pooled, _ = m._global_pool(t)
+            pooled = m.ln_post(pooled)
+        else:
+            pooled, _ = m._global_pool(m.ln_post(t))  # (B, D)
+        return pooled @ m.proj if m.proj is not None else pooled
 
     def refusal(self, method: str) -> str | None:
         if method in ("attention", "rollout", "grad-rollout", "chefer"):

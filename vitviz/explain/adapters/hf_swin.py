@@ -26,9 +26,11 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
+    first_tensor,
     hooked_forward,
     readout_vector,
 )
@@ -135,6 +137,19 @@ class HFSwin(Adapter):
         finally:
             for h in handles:
                 h.remove()
+
+    # --- layers, for representation analyses ------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        """Every block, in its stage (its output is on the stage's grid, before the stage's patch merging)."""
+        return [Layer(name, blk, stage) for name, blk, stage in self._blocks()]
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        if not self.has_head or stage != len(self._stages()) - 1:
+            return None
+        z = self._final_norm()(first_tensor(output))  # (B, L, C)
+        base = self.model.hf.swin
+        pooled = base.pooler(z.transpose(1, 2)).flatten(1)  # (B, C): the mean of the last stage's tokens
+        return self.model.hf.classifier(pooled)
 
     # --- Grad-CAM and features ----------------------------------------------------------------------
     def _last_stage_map(self, x: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple[int, int]]:

@@ -29,10 +29,12 @@ from vitviz.explain.adapters.base import (
     Adapter,
     AttentionRecord,
     CamForward,
+    Layer,
     Recording,
     Reduce,
     Tokens,
     check_block,
+    first_tensor,
     grid_tokens_to_map,
     hooked_forward,
     readout_vector,
@@ -141,6 +143,46 @@ class HFViT(Adapter):
             rec.readout = weights[:, 0]  # (B, N)
 
         return [head.register_forward_pre_hook(keep_pool)]
+
+    # --- layers, for representation analyses ------------------------------------------------------------
+    def layers(self) -> list[Layer]:
+        return [Layer(path, layer, 0) for path, layer, _ in self._layers()]
+
+    def layer_logits(self, output: object, stage: int) -> torch.Tensor | None:
+        """A layer's tokens through the model's own final norm and classifier (the logit lens); None without one."""
+        if not self.has_head:
+            return None
+        return self.head_from_tokens(first_tensor(output))
+
+    def head_from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """What a ``*ForImageClassification`` head computes from the last layer's tokens (B, N, D) -> (B, classes).
+
+        The same steps as the transformers classes' own forward (checked by ``tests/test_hf_models.py``
+        against the model's logits on its last layer).
+        """
+        hf, kind = self.model.hf, self.model.model_type
+        base = getattr(hf, hf.base_model_prefix)
+        z = base.layernorm(t) if hasattr(base, "layernorm") else t  # (B, N, D)
+        if "WithTeacher" in type(hf).__name__:  # DeiT: the mean of its two heads
+            return (hf.cls_classifier(z[:, 0]) + hf.distillation_classifier(z[:, 1])) / 2
+        if kind == "beit":
+            return hf.classifier(base.pooler(z) if base.pooler is not None else z[:, 0])
+        if kind.startswith("dinov2"):  # [class token, mean of the patch tokens after the registers]
+            return hf.classifier(torch.cat([z[:, 0], z[:, self.prefix():].mean(dim=1)], dim=1))
+        if self.readout_kind() == "mean":
+            return hf.classifier(z[:, self.prefix():].mean(dim=1))
+        return hf.classifier(z[:, 0])
+
+    def embedding_from_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """A CLIP / SigLIP tower's image embedding from a layer's tokens (B, N, D) -> (B, E), as its forward."""
+        vision = self.model.vision
+        if self.model.model_type in _SIGLIP:  # post-norm on every token, then the attention-pooling head
+            z = vision.post_layernorm(t) if hasattr(vision, "post_layernorm") else t
+            head = getattr(vision, "head", None)
+            return head(z) if head is not None else z.mean(dim=1)
+        pooled = vision.post_layernorm(t[:, 0])  # CLIP: the class token, then its norm  (B, D)
+        projection = getattr(self.model.hf, "visual_projection", None)
+        return projection(pooled) if projection is not None and self.model.output == "image_embeds" else pooled
 
     # --- Grad-CAM and features ----------------------------------------------------------------------
     def cam_forward(self, x: torch.Tensor, layer: int | None) -> CamForward:
