@@ -294,3 +294,18 @@ def test_layer_features_and_the_logit_lens_end_at_the_models_own_logits(folders,
     assert earlier is not None and not torch.allclose(earlier, expected)
     grids = [f.grid for f in fp.layers]
     assert grids == ([(8, 8), (8, 8), (4, 4), (4, 4)] if name == "swin" else [(4, 4)] * 3)
+
+
+def test_legrad_on_a_hugging_face_vit_reads_each_layer_through_its_head(folders, x):
+    """The last layer's LeGrad map is the positive gradient of the logit w.r.t. that layer's attention, averaged
+    over heads and queries (by hand from capture_attention's gradients); every layer's head is the model's own."""
+    from vitviz.explain.legrad import legrad
+
+    model = vitviz.create_model(f"hf:{folders['vit']}")
+    res = legrad(model, x, target=1)
+    cap = capture_attention(model, x, with_grads=True, target=1)
+    g = cap.layers[-1].gradients  # (B, heads, N, N)
+    expected = g.clamp(min=0).mean(dim=1).mean(dim=1)[:, 1:].reshape(2, 4, 4)
+    torch.testing.assert_close(res.per_layer[-1], expected, atol=1e-6, rtol=1e-4)
+    assert res.per_layer.shape == (3, 2, 4, 4) and float(res.maps.std()) > 0
+    torch.testing.assert_close(res.logits, model(x).detach())

@@ -35,6 +35,10 @@ __all__ = ["LeGradResult", "legrad", "pool_forward", "refusal", "run_legrad"]
 # Adapters whose models run blocks -> norm -> forward_head (our ViT; timm ViT, EVA, BEiT): a layer's
 # tokens can be read by the head as the last layer's are.
 _ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit")
+# Adapters of one flat stack of layers whose logit lens (``layer_logits``) is the model's own head on any
+# layer's tokens: Hugging Face ViT-style classifiers and CLIP over prompts (the tower's pooling, projection
+# and the prompt similarity).
+_LENS_ADAPTERS = ("hf-vit", "clip-prompts")
 
 
 @dataclass
@@ -54,6 +58,8 @@ def refusal(model: nn.Module | Adapter) -> str | None:
     m, what = adapter.model, type(adapter.model).__name__
     if adapter.kind != "transformer":
         return f"LeGrad differentiates attention, and {what} is a CNN; use method='gradcam'."
+    if adapter.name in _LENS_ADAPTERS and adapter.readout_kind() != "pool":
+        return None
     if adapter.name not in _ADAPTERS or not all(hasattr(m, a) for a in ("blocks", "norm", "forward_head")):
         return (f"LeGrad reads every layer's tokens through the model's head, which vitviz does for plain ViTs "
                 f"(blocks, then norm, then head); {what} ({adapter.name}) changes its tokens between stages or "
@@ -122,7 +128,8 @@ def legrad(model: nn.Module | Adapter, x: torch.Tensor, target: int | Sequence[i
         raise ExplainError(f"LeGrad explains a class score, and {type(adapter.model).__name__} has no classifier "
                            "head (it returns features); use 'attention', 'rollout' or 'similarity'.")
     m = adapter.model
-    depth = len(m.blocks)
+    modules, head = _layers_and_head(adapter)
+    depth = len(modules)
     if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not -depth <= start_layer < depth:
         raise ExplainError(f"start_layer {start_layer!r} is out of range for a model with {depth} layers "
                            f"(use 0..{depth - 1}, or -{depth}..-1 from the end).")
@@ -131,7 +138,7 @@ def legrad(model: nn.Module | Adapter, x: torch.Tensor, target: int | Sequence[i
     pooled = adapter.readout_kind() == "pool"
     outputs: dict[int, torch.Tensor] = {}
     handles = [blk.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, _block_output(out)))
-               for i, blk in enumerate(m.blocks) if i >= start]
+               for i, blk in enumerate(modules) if i >= start]
     x = x.detach().requires_grad_(True)  # a graph even when the weights are frozen
     try:
         with torch.enable_grad():
@@ -146,7 +153,7 @@ def legrad(model: nn.Module | Adapter, x: torch.Tensor, target: int | Sequence[i
             attn = {r.block: r.weights for r in records if r.token_attention}
             per_layer = []
             for i in range(start, depth):
-                per_layer.append(_layer_map(m, outputs[i], attn.get(i), t, tokens.prefix, pooled))
+                per_layer.append(_layer_map(m, head, outputs[i], attn.get(i), t, tokens.prefix, pooled))
     finally:
         for h in handles:
             h.remove()
@@ -157,8 +164,17 @@ def legrad(model: nn.Module | Adapter, x: torch.Tensor, target: int | Sequence[i
                         per_layer=stacked)
 
 
-def _layer_map(m: nn.Module, z: torch.Tensor, weights: torch.Tensor | None, t: torch.Tensor, prefix: int,
-               pooled: bool) -> torch.Tensor:
+def _layers_and_head(adapter: Adapter) -> tuple[list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
+    """The modules whose outputs are the layers' tokens (one per attention layer, in order), and the head that
+    reads a layer's tokens (B, N, D) as the model reads its last layer's, giving (B, classes)."""
+    m = adapter.model
+    if adapter.name in _LENS_ADAPTERS:
+        return [layer.module for layer in adapter.layers()], lambda z: adapter.layer_logits(z, 0)
+    return list(m.blocks), lambda z: m.forward_head(m.norm(z))
+
+
+def _layer_map(m: nn.Module, head: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
+               weights: torch.Tensor | None, t: torch.Tensor, prefix: int, pooled: bool) -> torch.Tensor:
     """E_l over the grid tokens (B, P) for one layer's output tokens z (B, N, D)."""
     if pooled:
         logits, attn, pool_prefix = _pooled_head(m)(z)
@@ -167,7 +183,7 @@ def _layer_map(m: nn.Module, z: torch.Tensor, weights: torch.Tensor | None, t: t
         return g.clamp(min=0).mean(dim=1)[:, 0, pool_prefix:].detach()  # (B, P): first latent's row
     if weights is None:
         raise ExplainError("LeGrad found a block without recorded attention; use method='chefer' or 'gradcam'.")
-    logits = m.forward_head(m.norm(z))  # (B, classes): the head reads this layer's tokens
+    logits = head(z)  # (B, classes): the head reads this layer's tokens
     score = logits.gather(1, t[:, None]).sum()
     (g,) = torch.autograd.grad(score, weights, retain_graph=True, allow_unused=True)  # (B, heads, N, N)
     if g is None:
