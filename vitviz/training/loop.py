@@ -208,7 +208,15 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out = Path(config.out)
-        family, model_cfg = resolve_model(config)
+        self._check_and_prepare()
+        self._build_model()
+        self._build_optimisation()
+        self._build_data_pipeline()
+
+    def _check_and_prepare(self) -> None:
+        """Refuse bad settings and load the data before any file is touched; then clear or keep the output folder."""
+        config, env = self.config, self.env
+        family, _ = resolve_model(config)
         if config.init != "default" and family not in ("vit", "hybrid"):
             apply_init(nn.Identity(), config.init, family)  # raises ConfigError before any work
         self.resuming = _prepare_out(config, self.out)
@@ -218,14 +226,18 @@ class _Run:
                 f"use a multiple of {env.world_size}."
             )
         self.local_batch = config.batch_size // env.world_size
+        _, model_cfg = resolve_model(config)
         self.data = _load_data(config, _img_size(model_cfg))  # a missing dataset fails before any file is touched
         if not self.resuming and env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (STATE, LAST, BEST, LOG, RESULTS):  # --overwrite: no file of the old run survives
                 (self.out / name).unlink(missing_ok=True)
         env.barrier()
-        self.family, self.model_cfg = resolve_model(config, self.data.num_classes)
 
+    def _build_model(self) -> None:
+        """The model, initialised identically on every rank, on the device in its memory format."""
+        config = self.config
+        self.family, self.model_cfg = resolve_model(config, self.data.num_classes)
         torch.manual_seed(config.seed)  # model initialisation: the same on every rank
         model = build_model(self.family, self.model_cfg)
         apply_init(model, config.init, self.family)
@@ -235,6 +247,10 @@ class _Run:
         use_cl = config.channels_last == "on" or (config.channels_last == "auto" and self.family in CNN_FAMILIES)
         self.memory_format = torch.channels_last if use_cl else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+
+    def _build_optimisation(self) -> None:
+        """Generators, optimiser, weight averaging, resumed state, DDP / compile wrappers, AMP and the teacher."""
+        config, env = self.config, self.env
         # Dropout and stochastic depth draw from the global generator: a distinct stream per rank.
         torch.manual_seed(config.seed + 7919 * (env.rank + 1))
         self.gens = Generators.seeded(config.seed, env.rank, self.device)
@@ -258,6 +274,10 @@ class _Run:
         self.teacher = None if config.distill is None else Teacher(
             config.distill, device=self.device, class_names=self.data.class_names, mean=self.data.mean,
             std=self.data.std, img_size=_img_size(self.model_cfg))
+
+    def _build_data_pipeline(self) -> None:
+        """Augmentation, the training set on the device, and the step schedule."""
+        config, env = self.config, self.env
         self.augment = Augment(crop_padding=config.crop_padding, flip=config.flip, affine=config.affine,
                                max_rotate=config.max_rotate, max_scale=config.max_scale,
                                max_translate=config.max_translate, randaugment=config.randaugment)
