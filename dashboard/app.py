@@ -20,6 +20,14 @@ from vitviz.runtime import tune_allocator  # noqa: E402
 tune_allocator()  # keep freed tensor memory for reuse: faster forwards and explanations (vitviz/runtime.py)
 st.set_page_config(page_title="vitviz — what Vision Transformers see", page_icon=":material/blur_on:", layout="wide")
 
+LOADED_ONCE = "vitviz.loaded_once"  # session_state: the session's first run has finished
+loading = None
+if not st.session_state.get(LOADED_ONCE):
+    # The first run imports PyTorch and loads a model (seconds): say so at once instead of a blank page.
+    loading = st.empty()
+    loading.markdown(":material/hourglass_top: **Loading vitviz…** The first open imports PyTorch and loads a "
+                     "model; this takes a few seconds.")
+
 if st.get_option("server.fileWatcherType") != "none":
     # Started without the repository's .streamlit/config.toml: keep the module watcher away from
     # torch.classes, whose __path__ it cannot read (run from the root, or `python -m dashboard`).
@@ -32,8 +40,14 @@ PAGES = [
     st.Page(HERE / "pages" / "explore.py", title="Explore", icon=":material/visibility:", default=True),
     st.Page(HERE / "pages" / "embeddings.py", title="Embeddings", icon=":material/grid_view:"),
     st.Page(HERE / "pages" / "compare.py", title="Compare", icon=":material/compare:"),
+    st.Page(HERE / "pages" / "representations.py", title="Representations", icon=":material/stacked_line_chart:"),
 ]
 
 # Each page draws the sidebar itself (ui.sidebar()), so a page script works on its own too: AppTest
 # re-runs only the page file on reruns when the pages live in a folder named pages/.
-st.navigation(PAGES, position="top").run()
+try:
+    st.navigation(PAGES, position="top").run()
+finally:  # also when the page stops early (st.stop: no model yet) or fails
+    if loading is not None:
+        loading.empty()
+        st.session_state[LOADED_ONCE] = True

@@ -28,6 +28,7 @@ SOURCE_HELP = {
     "Hugging Face": "A transformers image model (ViT, DeiT, BEiT, DINOv2, Swin, CLIP, SigLIP) by hub id or folder.",
     "CLIP": "An open_clip CLIP whose classes are prompts you type.",
 }
+HOSTED_SOURCES = ("Shipped", "timm")  # VITVIZ_HOSTED=1: no server folders, nothing downloaded
 DEFAULT_TIMM = "vit_tiny_patch16_224"
 DEFAULT_CLIP = "ViT-B-32"
 
@@ -75,10 +76,15 @@ def sidebar() -> state.Loaded | None:
                               help="CUDA when a GPU is present; the CPU otherwise.")
         remember("device", device)
         st.markdown("**Model**")
+        options = sources()
         source = st.segmented_control(
-            "Source", SOURCES, default=remembered("model_source", "Shipped", SOURCES), key="model_source",
-            required=True, persist_state="session",
-            label_visibility="collapsed", help=" · ".join(f"**{k}**: {v}" for k, v in SOURCE_HELP.items()))
+            "Source", options, default=remembered("model_source", "Shipped", options), key="model_source",
+            required=True, persist_state="session", label_visibility="collapsed",
+            help=" · ".join(f"**{k}**: {v}" for k, v in SOURCE_HELP.items() if k in options)
+            + (" · This public deployment reads no server folders and downloads no weights: timm models come "
+               "with random weights." if hosted() else ""))
+        if source not in options:  # a session that started before the setting changed
+            source = "Shipped"
         remember("model_source", source)
         try:
             pickers = {"timm": _timm_picker, "Hugging Face": _hf_picker, "CLIP": _clip_picker}
@@ -95,6 +101,20 @@ def sidebar() -> state.Loaded | None:
     st.session_state[MODEL_KEY] = loaded
     st.session_state[PROBLEM_KEY] = problem
     return loaded
+
+
+def hosted() -> bool:
+    """Whether this is a public deployment (``VITVIZ_HOSTED=1``): no server-folder picker, no model downloads.
+
+    Only the shipped checkpoints and timm architectures with random weights can be picked; nothing
+    reads a path the visitor types or fetches weights from the internet.
+    """
+    return os.environ.get("VITVIZ_HOSTED", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sources() -> tuple[str, ...]:
+    """The model sources the sidebar offers: every one, or the hosted deployment's safe few."""
+    return HOSTED_SOURCES if hosted() else SOURCES
 
 
 REMEMBERED = "vitviz.remembered"  # session_state: the sidebar's last choices, by widget key
@@ -117,7 +137,7 @@ def remember(key: str, value: Any) -> None:
 
 def checkpoint_folder() -> Path:
     """The folder the sidebar points at: the user's folder when *Folder* is chosen and valid, else the shipped one."""
-    if st.session_state.get("model_source") == "Folder":
+    if st.session_state.get("model_source") == "Folder" and not hosted():
         folder = str(st.session_state.get("model_folder") or "").strip()
         if folder and Path(folder).expanduser().is_dir():
             return Path(folder).expanduser()
@@ -129,7 +149,7 @@ def current_model() -> state.Loaded | None:
 
 
 def _checkpoint_picker(source: str, device: str) -> state.Loaded | None:
-    if source == "Folder":
+    if source == "Folder" and not hosted():
         folder = st.text_input(
             "Checkpoint folder", key="model_folder", placeholder="~/runs/checkpoints", persist_state="session",
             help="A folder holding vitviz .safetensors checkpoints (not searched recursively).")
@@ -152,11 +172,14 @@ def _checkpoint_picker(source: str, device: str) -> state.Loaded | None:
             st.warning(f"No .safetensors files in {path}.")
     choice = None
     if usable:
-        labels = {e.key: e.label for e in usable}
+        # The box shows the file's stem, shortened in the middle to fit the sidebar; the full names and
+        # what each model is are in the box's help and the model card below it.
+        labels = {e.key: short_label(Path(e.name).stem) for e in usable}
         options = list(labels)
         last = remembered(f"ckpt_{source}", options[0], options)
         key = st.selectbox("Checkpoint", options, index=options.index(last), format_func=labels.get,
-                           key=f"ckpt_{source}", persist_state="session")
+                           key=f"ckpt_{source}", persist_state="session",
+                           help="\n\n".join(f"**{e.name}**: {e.label.partition(' — ')[2]}" for e in usable))
         remember(f"ckpt_{source}", key)
         choice = next(e for e in usable if e.key == key)
     if bad:
@@ -166,6 +189,17 @@ def _checkpoint_picker(source: str, device: str) -> state.Loaded | None:
     if choice is None:
         return None
     return state.load_checkpoint(choice.path, choice.key, device)
+
+
+SIDEBAR_CHARS = 26  # what a sidebar box shows of a name before it would cut it off
+
+
+def short_label(name: str, limit: int = SIDEBAR_CHARS) -> str:
+    """``name`` as it fits the sidebar: whole when short, else its start and end around an ellipsis."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2 + (limit - 1) % 2
+    return f"{name[:head]}…{name[len(name) - (limit - 1 - head):]}"
 
 
 def _pick_curated() -> None:
@@ -185,6 +219,10 @@ def _timm_picker(device: str) -> state.Loaded | None:
                          help="Any timm model, with its pretrained tag or without (timm's default tag), e.g. "
                               "vit_base_patch16_224.augreg2_in21k_ft_in1k, swin_tiny_patch4_window7_224, "
                               "convnext_tiny, vit_small_patch14_reg4_dinov2.")
+    if hosted():  # a public deployment: random weights only, and no server path to type
+        st.toggle("Pretrained weights", value=False, key="timm_pretrained_hosted", disabled=True,
+                  help="This public deployment downloads no weights: timm models come with random weights.")
+        return _timm_random(name, device)
     pretrained = st.toggle("Pretrained weights", value=remembered("timm_pretrained", True), key="timm_pretrained",
                            persist_state="session",
                            help="Off: random weights, to explore the architecture without downloading anything.")
@@ -202,6 +240,18 @@ def _timm_picker(device: str) -> state.Loaded | None:
         st.error(f"No such weights file: {weights}")
         return None
     return state.load_timm(name, bool(pretrained), os.path.expanduser(weights) if weights else None, device)
+
+
+def _timm_random(name: str, device: str) -> state.Loaded | None:
+    """A timm architecture with random weights; names that make timm read the Hub or a path are refused."""
+    from vitviz.errors import ConfigError
+
+    remember("timm_name", name)
+    name = name.strip()
+    if ":" in name:  # hf-hub:ORG/NAME fetches a config, local-dir:PATH reads the server's disk
+        raise ConfigError(f"{name!r} names a model on the Hugging Face Hub or on disk; this public deployment "
+                          "opens timm architectures by name only (e.g. vit_small_patch16_224), with random weights.")
+    return state.load_timm(name, False, None, device) if name else None
 
 
 def _hf_picker(device: str) -> state.Loaded | None:
@@ -274,6 +324,8 @@ def _model_card(loaded: state.Loaded) -> None:
     n = len(info.class_names)
     what = f"{n} classes" if info.has_head else "features, no classifier"
     lines = [f"**{info.family_label}** · {info.img_size}×{info.img_size} px · {what}"]
+    if info.path and len(Path(info.path).stem) > SIDEBAR_CHARS:  # the box shortened it: the full name, wrapped
+        lines.insert(0, Path(info.path).name.replace("_", "\\_").replace("*", "\\*"))
     if info.dataset:
         lines.append(f"trained on **{info.dataset}**")
     acc, f1 = ds.metric(info, "accuracy"), ds.metric(info, "macro_f1")
@@ -330,7 +382,10 @@ def _dashboard_advice(name: str | None) -> str | None:
 
 
 def family_badge(info: ds.ModelInfo) -> str:
-    colour = {"vit": "blue", "hybrid": "violet", "resnet": "orange"}.get(info.family, "gray")
+    """The family as a badge in its colour, the one every chart gives it (vitviz/plots/colours.py)."""
+    from vitviz.plots.colours import family_badge_colour
+
+    colour = family_badge_colour(info.family)
     return f":{colour}-badge[{info.family_label}]"
 
 

@@ -126,7 +126,7 @@ def patch_picker_figure(subject: state.Subject, amap: np.ndarray, grid: tuple[in
     from vitviz.plots.explain import overlay_figure
 
     size = subject.info.img_size
-    fig = overlay_figure(subject.fitted_array, amap, opacity=0.6, colorscale="inferno")
+    fig = overlay_figure(subject.fitted_array, amap, opacity=0.6, colorscale="inferno", label="attention")
     fig.update_traces(hoverinfo="skip", hovertemplate=None, selector={"type": "heatmap"})
     xs, ys, rows, cols = ds.patch_centres(grid, size)
     fig.add_trace(go.Scatter(

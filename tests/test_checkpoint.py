@@ -298,17 +298,17 @@ def test_truncated_files(tmp_path):
     cuts = {"data.safetensors": len(data) - 10, "header.safetensors": 60, "tiny.safetensors": 5}
     for name, cut in cuts.items():
         (tmp_path / name).write_bytes(data[:cut])
-        expect_error(tmp_path / name, "truncated")
+        expect_error(tmp_path / name, "incomplete")
 
 
 def test_garbage_files(tmp_path):
     (tmp_path / "text.safetensors").write_bytes(b"this is definitely not a checkpoint\n" * 20)
-    expect_error(tmp_path / "text.safetensors", "not a safetensors file")
+    expect_error(tmp_path / "text.safetensors", "not a vitviz checkpoint")
     (tmp_path / "small.safetensors").write_bytes(struct.pack("<Q", 5) + b"abcde")
-    expect_error(tmp_path / "small.safetensors", "not a safetensors file")
+    expect_error(tmp_path / "small.safetensors", "not a vitviz checkpoint")
     rng = np.random.default_rng(3)
     (tmp_path / "random.safetensors").write_bytes(b"\x00" + rng.bytes(999))
-    expect_error(tmp_path / "random.safetensors", "not a safetensors file|truncated")
+    expect_error(tmp_path / "random.safetensors", "not a vitviz checkpoint|incomplete")
 
 
 def test_inconsistent_header_sizes(tmp_path):

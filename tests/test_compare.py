@@ -108,8 +108,9 @@ def test_markdown_table():
 
 def test_accuracy_bars_and_curves():
     fig = accuracy_bars(_rows())
-    assert [t.name for t in fig.data] == ["accuracy", "macro F1"]
-    assert list(fig.data[0].y) == pytest.approx([90.0, 95.0])
+    assert [t.name for t in fig.data] == ["a", "b"]  # one trace per model, in its family's colour
+    assert list(fig.data[0].x) == ["accuracy", "macro F1"]
+    assert [t.y[0] for t in fig.data] == pytest.approx([90.0, 95.0])
     curves = training_curves({"a": [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}]})
     assert list(curves.data[0].x) == [1, 2] and list(curves.data[0].y) == [50.0, 75.0]
     loss = training_curves({"a": [{"epoch": 1, "elapsed_s": 3.0, "val_loss": 1.5}]}, metric="val_loss", x="elapsed_s")

@@ -36,7 +36,7 @@ def test_scan_lists_good_first_and_explains_bad(ckpts):
     assert [e.name for e in entries] == ["vit_shapes.safetensors", "hybrid_shapes.safetensors",
                                          "resnet_shapes.safetensors", "broken.safetensors", "old.pth"]
     bad = entries[-2]
-    assert not bad.usable and "truncated" in bad.error
+    assert not bad.usable and "incomplete" in bad.error
     assert "never unpickles" in entries[-1].error
     assert bad.label == "broken.safetensors — unusable"
     assert entries[0].label == "vit_shapes — ViT · shapes · 95.0 % test acc."

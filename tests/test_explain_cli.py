@@ -11,7 +11,7 @@ from test_explain_capture import tiny_vit
 from test_explain_methods import tiny_resnet
 
 from vitviz.explain import METHODS
-from vitviz.explain.cli import _METHODS, add_parser, main, run
+from vitviz.explain.cli import _METHODS, add_parser, build_parser, main, run
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,11 @@ def test_a_bad_method_exits_2(files, capsys):
     (["--method", "gradcam", "--fusion", "max"], "--fusion does not apply"),
     (["--method", "chefer", "--target", "7"], "out of range"),
     (["--method", "chefer", "--target", "hexagon"], "neither a class index"),
-    (["--method", "attention", "--layer", "9"], "out of range"),
+    (["--method", "attention", "--layer", "9"], "--layer 9 is out of range: this model has 2 layers (use 1..2"),
+    (["--method", "attention", "--layer", "3"], "--layer 3 is out of range"),
+    (["--method", "attention", "--layer", "0"], "counts layers from 1"),
+    (["--method", "rollout", "--start-layer", "0"], "--start-layer counts layers from 1"),
+    (["--method", "chefer", "--start-layer", "-3"], "--start-layer -3 is out of range"),
     (["--method", "attention", "--query", "a,b"], "--query"),
 ])
 def test_bad_arguments_exit_2_without_traceback(files, capsys, extra, message):
@@ -140,3 +144,34 @@ def test_offline_weights_advice_speaks_of_the_flag(files, capsys, monkeypatch):
 
     default_tag = timm.get_pretrained_cfg("deit3_small_patch16_224").tag  # a bare name means timm's default
     assert f"https://huggingface.co/timm/deit3_small_patch16_224.{default_tag}" in err
+
+
+@pytest.mark.parametrize("method, flag, given, api", [
+    ("attention", "--layer", "1", {"layer": 0}),
+    ("attention", "--layer", "2", {"layer": 1}),
+    ("attention", "--layer", "-1", {"layer": -1}),
+    ("rollout", "--start-layer", "2", {"start_layer": 1}),
+    ("chefer", "--start-layer", "1", {"start_layer": 0}),
+])
+def test_layers_count_from_one_and_reach_the_api_from_zero(files, method, flag, given, api):
+    import torch
+
+    from vitviz.checkpoint import load_checkpoint
+    from vitviz.explain import explain
+    from vitviz.images import fit_image, open_image, preprocess
+
+    out = files / f"layers_{method}_{given}.png"
+    assert main([str(files / "scene.png"), "--checkpoint", str(files / "vit.safetensors"), "--method", method,
+                 flag, given, "--out", str(out)]) == 0
+    model, meta = load_checkpoint(files / "vit.safetensors")
+    x = preprocess(np.asarray(fit_image(open_image(files / "scene.png"), 32)), 32, mean=meta.mean, std=meta.std)
+    with torch.no_grad() if method != "chefer" else torch.enable_grad():
+        want = explain(model.eval(), x, method=method, **api)[0].numpy()
+    np.testing.assert_allclose(np.load(out.with_suffix(".npy")), want, atol=1e-6)
+    other = {**api, next(iter(api)): next(iter(api.values())) + (1 if next(iter(api.values())) == 0 else -1)}
+    assert not np.allclose(explain(model.eval(), x, method=method, **other)[0].numpy(), want, atol=1e-4)
+
+
+def test_help_says_layers_count_from_one():
+    text = " ".join(build_parser().format_help().split())
+    assert "--layer L" in text and "counted from 1" in text

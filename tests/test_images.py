@@ -148,7 +148,7 @@ def test_empty_file_and_stream(tmp_path):
 
 def test_random_bytes():
     data = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    with pytest.raises(InvalidImageError, match="not an image Pillow can read") as info:
+    with pytest.raises(InvalidImageError, match="not an image vitviz can open") as info:
         open_image(data)
     assert "upload a PNG, JPEG, WebP, BMP, GIF or TIFF" in str(info.value)
 
@@ -164,7 +164,7 @@ def test_text_svg_pdf_eps_are_refused_with_a_hint(tmp_path):
     for name, (data, hint) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        with pytest.raises(InvalidImageError, match="not an image Pillow can read") as info:
+        with pytest.raises(InvalidImageError, match="not an image vitviz can open") as info:
             open_image(path)
         assert name in str(info.value) and hint in str(info.value)
 
@@ -179,11 +179,11 @@ def test_uploaded_file_name_is_in_the_message():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_files(fmt, tmp_path):
     data = encode(noise(64, 64), fmt)
-    with pytest.raises(InvalidImageError, match=f"truncated {fmt}"):
+    with pytest.raises(InvalidImageError, match=f"incomplete or damaged {fmt}"):
         open_image(data[: len(data) // 2])
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) * 3 // 4])
-    with pytest.raises(InvalidImageError, match="truncated"):
+    with pytest.raises(InvalidImageError, match="incomplete"):
         open_image(path)
     assert not ImageFile.LOAD_TRUNCATED_IMAGES  # we never relax Pillow globally
 
@@ -195,22 +195,24 @@ def test_pillow_bomb_warning_and_error_are_refusals(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning may escape either
         for data in (warn_size, error_size):
-            with pytest.raises(InvalidImageError, match="decompression bomb"):
+            with pytest.raises(InvalidImageError, match="too large to open safely"):
                 open_image(data)
-    # Pillow's own words, so the warning itself (not only our backstop) was the refusal.
-    with pytest.raises(InvalidImageError, match="exceeds limit of 1000 pixels"):
+    # Pillow's own refusal as the cause, so the warning itself (not only our backstop) was the refusal.
+    with pytest.raises(InvalidImageError, match="too large to open safely") as info:
         open_image(warn_size)
+    assert isinstance(info.value.__cause__, Image.DecompressionBombWarning)
     # catch_warnings is process-global; if another thread's filters win, the explicit check holds.
     monkeypatch.setattr(Image, "_decompression_bomb_check", lambda *a, **k: None)
-    with pytest.raises(InvalidImageError, match="exceeds Pillow's limit of 1,000"):
+    with pytest.raises(InvalidImageError, match="over the safety limit of 1,000") as info:
         open_image(warn_size)
+    assert info.value.__cause__ is None
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a user who disabled Pillow's guard
     assert open_image(error_size).size == (50, 50)
 
 
 def test_pillow_bomb_with_default_limits():
     # 30000 x 30000 = 9e8 pixels, far over Pillow's 2 * 89M error limit; the file is ~100 bytes.
-    with pytest.raises(InvalidImageError, match="decompression bomb"):
+    with pytest.raises(InvalidImageError, match="too large to open safely"):
         open_image(png_header_only(30_000, 30_000), max_side=10**6, max_pixels=10**12)
 
 

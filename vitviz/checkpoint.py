@@ -49,6 +49,7 @@ __all__ = [
 FORMAT_VERSION = 1  # bump when the metadata layout changes incompatibly
 METADATA_KEY = "vitviz"  # the __metadata__ key that holds our JSON
 _MODEL_KIND = "model"  # "kind" of a model checkpoint; sidecars (training state) use their own
+_REDO = "Re-save or re-download it, or pick another file."
 _MAX_HEADER = 100_000_000  # safetensors' own cap on the JSON header; larger means garbage
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -376,14 +377,16 @@ def _read_header(path: Path) -> dict[str, Any]:
                     "model and re-save with vitviz.save_checkpoint."
                 )
             if size < 8:
-                raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes).")
+                raise CheckpointError(f"{path} is incomplete or not a vitviz checkpoint: it holds only {size} bytes. "
+                                      f"{_REDO}")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER:
-                raise CheckpointError(f"{path} is not a safetensors file (its first bytes are not a header length).")
+                raise CheckpointError(f"{path} is not a vitviz checkpoint: it does not begin the way a .safetensors "
+                                      f"file does. {_REDO}")
             if 8 + n > size:
                 raise CheckpointError(
-                    f"{path} is truncated: its header claims {n} bytes but only {size - 8} follow; "
-                    "re-save or re-download it."
+                    f"{path} is incomplete: it ends inside its own description of the weights (a copy or download "
+                    f"was probably cut short). {_REDO}"
                 )
             raw = fp.read(n)
     except OSError as err:
@@ -395,7 +398,8 @@ def _read_header(path: Path) -> dict[str, Any]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a safetensors file or is damaged ({err}).") from err
+        raise CheckpointError(f"{path} is not a vitviz checkpoint, or it is damaged: its description of the weights "
+                              f"cannot be read. {_REDO}") from err
 
     data_end = 0
     for name, entry in header.items():
@@ -408,22 +412,23 @@ def _read_header(path: Path) -> dict[str, Any]:
             or not all(isinstance(o, int) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise CheckpointError(f"{path} is damaged: tensor {name!r} has no valid data offsets.")
+            raise CheckpointError(f"{path} is damaged: it does not say where the weights {name!r} are. {_REDO}")
         itemsize = _DTYPE_SIZES.get(entry.get("dtype"))
         shape = entry.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise CheckpointError(f"{path} is damaged: tensor {name!r} has no valid shape.")
+            raise CheckpointError(f"{path} is damaged: the weights {name!r} have no valid shape. {_REDO}")
         if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-            raise CheckpointError(f"{path} is damaged: tensor {name!r} has the wrong number of bytes for its shape.")
+            raise CheckpointError(f"{path} is damaged: the weights {name!r} take the wrong number of bytes for their "
+                                  f"shape. {_REDO}")
         data_end = max(data_end, offsets[1])
     have = size - 8 - n
     if have < data_end:
         raise CheckpointError(
-            f"{path} is truncated: its tensors need {data_end} bytes of data but only {have} are there; "
-            "re-save or re-download it."
+            f"{path} is incomplete: {data_end - have:,} bytes of its weights are missing (a copy or download was "
+            f"probably cut short). {_REDO}"
         )
     if have > data_end:
-        raise CheckpointError(f"{path} is damaged: {have - data_end} unexpected bytes after the tensor data.")
+        raise CheckpointError(f"{path} is damaged: {have - data_end:,} unexpected bytes follow its weights. {_REDO}")
     return header
 
 

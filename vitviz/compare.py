@@ -235,7 +235,8 @@ def write_results(spec: CompareSpec, rows: list[dict[str, Any]], out: Path) -> d
     md = f"## {title}\n\n" + markdown_table(rows, fractions=efficiency)
     plots = {
         "accuracy": accuracy_bars(rows, title=f"{title}: test accuracy and macro F1"),
-        "curves": training_curves({r["name"]: r["curves"] for r in rows}, title=f"{title}: validation accuracy"),
+        "curves": training_curves({r["name"]: r["curves"] for r in rows}, title=f"{title}: validation accuracy",
+                                  families={r["name"]: r["family"] for r in rows}),
     }
     if efficiency:
         plots["data_efficiency"] = data_efficiency_lines(rows, title=f"{title}: test accuracy vs training data")

@@ -130,16 +130,15 @@ def _decode(fp: BinaryIO, name: str, max_pixels: int, max_side: int) -> Image.Im
         try:
             img = Image.open(fp, formats=_accepted_formats())
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise _bomb(name, err) from err
+            raise _bomb(name) from err
         except UnidentifiedImageError as err:
             fp.seek(0)
             hint = _sniff(fp.read(512))
-            raise InvalidImageError(
-                f"{name} is not an image Pillow can read ({hint}): {_WHAT_TO_DO}."
-            ) from err
+            raise InvalidImageError(f"{name} is not an image vitviz can open ({hint}): {_WHAT_TO_DO}.") from err
         except Exception as err:  # any parser failure on untrusted bytes is a bad file, not a crash
+            # The decoder's words stay in the chained cause (the server log), not in what the user reads.
             raise InvalidImageError(
-                f"{name} is not an image Pillow can read (its header is damaged: {err}): {_WHAT_TO_DO}."
+                f"{name} is not an image vitviz can open (its beginning is damaged): {_WHAT_TO_DO}."
             ) from err
 
         try:
@@ -147,11 +146,11 @@ def _decode(fp: BinaryIO, name: str, max_pixels: int, max_side: int) -> Image.Im
             try:
                 img.load()  # decodes the first frame only; later frames are never touched
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise _bomb(name, err) from err
+                raise _bomb(name) from err
             except Exception as err:
                 raise InvalidImageError(
-                    f"{name} is a damaged or truncated {img.format} file ({err}); "
-                    "re-export or re-download the image and try again."
+                    f"{name} is an incomplete or damaged {img.format} file (cut short, or its pixels are "
+                    "corrupt); re-export or re-download the image and try again."
                 ) from err
             try:
                 img = _exif_upright(img)
@@ -160,7 +159,7 @@ def _decode(fp: BinaryIO, name: str, max_pixels: int, max_side: int) -> Image.Im
                 raise
             except Exception as err:
                 raise InvalidImageError(
-                    f"{name} could not be converted to RGB ({err}): {_WHAT_TO_DO}."
+                    f"{name} uses a colour format vitviz cannot turn into ordinary RGB colours: {_WHAT_TO_DO}."
                 ) from err
         finally:
             img.close()
@@ -189,14 +188,13 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int, max_side: int
         )
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and w * h > limit:
-        raise _bomb(name, f"{w * h:,} pixels exceeds Pillow's limit of {limit:,}")
+        raise _bomb(name, f"{w}x{h} = {w * h:,} pixels, over the safety limit of {limit:,}")
 
 
-def _bomb(name: str, err: object) -> InvalidImageError:
-    return InvalidImageError(
-        f"{name} was refused as a possible decompression bomb ({err}). "
-        "Downscale the image and try again."
-    )
+def _bomb(name: str, detail: str | None = None) -> InvalidImageError:
+    """A file that claims more pixels than is safe to decode (a "decompression bomb" fills memory)."""
+    detail = detail or "it claims far more pixels than a picture needs"
+    return InvalidImageError(f"{name} is too large to open safely ({detail}). Downscale the image and try again.")
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:
@@ -249,7 +247,7 @@ def _sniff(head: bytes) -> str:
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
-        return "unrecognised binary data"
+        return "its contents match no picture format vitviz knows"
     return "it is text, not image data"
 
 
@@ -285,7 +283,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         return img.convert("RGB")
     except ValueError as err:
         raise InvalidImageError(
-            f"images in Pillow mode {mode!r} cannot be converted to RGB ({err}): {_WHAT_TO_DO}."
+            f"images with colour mode {mode!r} cannot be turned into ordinary RGB colours: {_WHAT_TO_DO}."
         ) from err
 
 

@@ -5,6 +5,9 @@
         [--layer L --head H --fusion F --discard-ratio R --start-layer S --target C --query ROW,COL]
         --out map.png
 
+Layers count from 1, as in the dashboard (1 = first, -1 = last); the Python API they are handed to
+counts from 0, as Python does, and this module converts.
+
 The lead wires it into ``vitviz/cli.py`` with ``add_parser(subparsers)`` and ``run(args)``; it also
 runs alone as ``python -m vitviz.explain.cli``. Bad arguments print one clear line and exit 2.
 """
@@ -12,6 +15,7 @@ runs alone as ``python -m vitviz.explain.cli``. Bad arguments print one clear li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,11 +68,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="--model with random weights: explore the architecture, download nothing")
     p.add_argument("--method", default="rollout", choices=_METHODS, metavar="M", help=_method_help())
-    p.add_argument("--layer", type=int, help="attention: layer (default -1); gradcam: ViT block whose tokens to use")
+    p.add_argument("--layer", type=int,
+                   help="attention: layer, counted from 1 (default -1, the last); gradcam: ViT block whose tokens "
+                        "to use, counted from 1")
     p.add_argument("--head", help="attention: head index, or mean/max/min (default: mean)")
     p.add_argument("--fusion", choices=("mean", "max", "min"), help="rollout: head fusion (default: mean)")
     p.add_argument("--discard-ratio", type=float, help="rollout, grad-rollout: weakest weights dropped, in [0, 1)")
-    p.add_argument("--start-layer", type=int, help="rollout, grad-rollout, chefer: first layer used (default 0)")
+    p.add_argument("--start-layer", type=int,
+                   help="rollout, grad-rollout, chefer, legrad: first layer used, counted from 1 (default 1; "
+                        "-1 is the last)")
     p.add_argument("--target", help="class index or name to explain (default: the predicted class)")
     p.add_argument("--query", metavar="ROW,COL",
                    help="attention: query patch (default: what the head reads); similarity: the cell to compare")
@@ -123,6 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ExplainError(f"--out must name a .png file, got {args.out!r}.")
     image = open_image(args.image)
     model, size, mean, std, names = _load_model(args)
+    _layers_from_zero(params, model)
     if "target" in params and params["target"] is not None:
         params["target"] = _class_index(params["target"], names)
     device = next(model.parameters()).device
@@ -176,6 +185,26 @@ def _method_params(args: argparse.Namespace, accepted: dict[str, Any]) -> dict[s
             raise ExplainError(f"give {key} with {_FLAGS[key]}, not --param.")
         params[key] = _literal(text.strip())
     return params
+
+
+def _layers_from_zero(params: dict[str, Any], model: Any) -> None:
+    """Turn the flags' layer numbers (1 = first, -1 = last) into the API's indices (0 = first), in place."""
+    from vitviz.explain import adapter_for, has_attention
+
+    depth = None
+    with contextlib.suppress(VitvizError):  # no depth to check against: the API checks the index
+        depth = adapter_for(model).depth() if has_attention(model) else None
+    for key in ("layer", "start_layer"):
+        value = params.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        flag = _FLAGS[key]
+        if value == 0:
+            raise ExplainError(f"{flag} counts layers from 1 (1 is the first, -1 the last); 0 is not a layer.")
+        if depth is not None and not (1 <= value <= depth or -depth <= value <= -1):
+            raise ExplainError(f"{flag} {value} is out of range: this model has {depth} layers (use 1..{depth}, or "
+                               f"-1 for the last down to -{depth} for the first).")
+        params[key] = value - 1 if value > 0 else value
 
 
 def _literal(text: str) -> Any:

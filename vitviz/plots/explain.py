@@ -17,7 +17,7 @@ from vitviz.explain.render import COLORMAPS, overlay_png, plotly_colorscale, ren
 
 __all__ = [
     "attention_distance_figure", "faithfulness_figure", "filters_figure", "heads_figure", "map_figure",
-    "overlay_figure", "overlay_png", "patch_similarity_figure", "pca_figure", "render_overlay",
+    "map_label", "overlay_figure", "overlay_png", "patch_similarity_figure", "pca_figure", "render_overlay",
     "similarity_grid_figure", "tile_images",
 ]
 
@@ -40,13 +40,25 @@ def _image_axes(fig: go.Figure, row: int | None = None, col: int | None = None) 
                      scaleanchor="x" if row is None else None, **kw)
 
 
+# What a method's map measures, in the words of its colour bar and hover label.
+_ATTENTION_METHODS = ("attention", "rollout", "grad-rollout")
+
+
+def map_label(method: str) -> str:
+    """"attention" for attention maps (raw, rolled out), "similarity" for feature similarity, else "importance"."""
+    if method in _ATTENTION_METHODS:
+        return "attention"
+    return "similarity" if method == "similarity" else "importance"
+
+
 def overlay_figure(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.5, colorscale: str = "Jet",
                    mask: np.ndarray | None = None, point: tuple[int, int] | None = None,
-                   title: str | None = None) -> go.Figure:
+                   title: str | None = None, label: str = "importance") -> go.Figure:
     """Heatmap of ``saliency`` (H, W) over ``image`` (H, W, 3) uint8, with an optional mask outline and point.
 
     The map is drawn at the image's pixel coordinates (resize it to the image first; explain does).
-    ``point``: (row, col), e.g. the map's maximum for the pointing game.
+    ``point``: (row, col), e.g. the map's maximum for the pointing game. ``label`` names the values in
+    the colour bar and hover text (:func:`map_label` of the method: "attention" for attention maps).
     """
     img = _np(image)
     sal = _np(saliency).astype(np.float32)
@@ -58,8 +70,8 @@ def overlay_figure(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.5
         raise ExplainError(f"opacity must be in [0, 1], got {opacity}.")
     fig = go.Figure(go.Image(z=img.astype(np.uint8), hoverinfo="skip"))
     fig.add_trace(go.Heatmap(z=sal, opacity=opacity, colorscale=_colorscale(colorscale), zmin=0.0, zmax=1.0,
-                             colorbar={"title": "saliency", "thickness": 12},
-                             hovertemplate="row %{y}, col %{x}<br>saliency %{z:.3f}<extra></extra>"))
+                             colorbar={"title": label, "thickness": 12},
+                             hovertemplate=f"row %{{y}}, col %{{x}}<br>{label} %{{z:.3f}}<extra></extra>"))
     if mask is not None:
         m = _np(mask).astype(np.float32)
         if m.shape != sal.shape:
@@ -91,32 +103,59 @@ def map_figure(values: np.ndarray, colorscale: str = "Viridis", title: str | Non
 
 
 def heads_figure(heads: np.ndarray, cols: int | None = None, colorscale: str = "Viridis",
-                 normalize_each: bool = True, title: str | None = None) -> go.Figure:
-    """One heatmap per head: ``heads`` (heads, gh, gw) (one image of ``attention_heads``' output).
+                 normalize_each: bool = True, title: str | None = None, image: np.ndarray | None = None,
+                 tile_px: int = 170) -> go.Figure:
+    """One heatmap of attention per head: ``heads`` (heads, gh, gw) (one image of ``attention_heads``' output).
 
     ``normalize_each`` scales every head to its own [0, 1] (heads differ a lot in peakiness).
+    ``image`` (H, W, 3) uint8 or (H, W): drawn faint and grey under every tile, so each head's attention
+    is read against the picture. ``tile_px``: the height of one tile; titles get a gap of their own
+    between rows, so they never overlap the tile above.
     """
     h = _np(heads).astype(np.float64)
     if h.ndim != 3:
         raise ExplainError(f"expected (heads, gh, gw), got shape {h.shape}; index the batch first.")
-    n = h.shape[0]
+    n, gh, gw = h.shape
     if normalize_each:
         lo = h.reshape(n, -1).min(axis=1)[:, None, None]
         hi = h.reshape(n, -1).max(axis=1)[:, None, None]
         h = np.where(hi > lo, (h - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+    under = None if image is None else _faint_grey(_np(image))
     cols = cols or min(n, 6)
     rows = math.ceil(n / cols)
+    title_gap, top = 26, 60 if title else 30  # px: one line of subplot title between rows, and above the first
+    height = rows * tile_px + (rows - 1) * title_gap + top + 10
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {i}" for i in range(n)],
-                        horizontal_spacing=0.02, vertical_spacing=0.06)
+                        horizontal_spacing=0.02, vertical_spacing=title_gap / (height - top - 10) if rows > 1 else 0)
     for i in range(n):
         r, c = i // cols + 1, i % cols + 1
-        fig.add_trace(go.Heatmap(z=h[i], coloraxis="coloraxis",
-                                 hovertemplate=f"head {i}<br>row %{{y}}, col %{{x}}<br>%{{z:.3f}}<extra></extra>"),
+        if under is not None:
+            # pixel centres spread over the tile's cells: cell k spans [k - 0.5, k + 0.5]
+            fig.add_trace(go.Image(z=under, x0=-0.5 + gw / under.shape[1] / 2, dx=gw / under.shape[1],
+                                   y0=-0.5 + gh / under.shape[0] / 2, dy=gh / under.shape[0], hoverinfo="skip"),
+                          row=r, col=c)
+        fig.add_trace(go.Heatmap(z=h[i], coloraxis="coloraxis", opacity=0.6 if under is not None else 1.0,
+                                 hovertemplate=f"head {i}<br>row %{{y}}, col %{{x}}<br>attention %{{z:.3f}}"
+                                               "<extra></extra>"),
                       row=r, col=c)
         _image_axes(fig, r, c)
-    fig.update_layout(coloraxis={"colorscale": _colorscale(colorscale)}, title=title,
-                      height=max(250, 170 * rows), margin={"l": 10, "r": 10, "t": 60, "b": 10})
+        fig.update_xaxes(range=[-0.5, gw - 0.5], ticks="", row=r, col=c)
+        fig.update_yaxes(range=[gh - 0.5, -0.5], autorange=False, ticks="", row=r, col=c)
+    bar = "attention (each head scaled to its range)" if normalize_each else "attention"
+    fig.update_layout(coloraxis={"colorscale": _colorscale(colorscale),
+                                 "colorbar": {"title": {"text": bar, "side": "right"}, "thickness": 12}},
+                      title=title, height=height, margin={"l": 10, "r": 10, "t": top, "b": 10})
     return fig
+
+
+def _faint_grey(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 grey at low contrast, lifted towards white: visible under a map, never competing with it."""
+    img = image.astype(np.float64)
+    grey = img if img.ndim == 2 else img[..., :3] @ np.array([0.299, 0.587, 0.114])  # (H, W) luma
+    if grey.max() <= 1.0 and image.dtype != np.uint8:
+        grey = grey * 255.0
+    faint = 100.0 + 0.6 * grey  # [100, 253]
+    return np.repeat(faint.round().astype(np.uint8)[..., None], 3, axis=2)
 
 
 def tile_images(images: np.ndarray, cols: int | None = None, pad: int = 1, fill: float = 1.0) -> np.ndarray:

@@ -12,22 +12,26 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from vitviz.plots.colours import family_colour, family_styles
+
 __all__ = ["accuracy_bars", "confusion_matrix_figure", "data_efficiency_lines", "training_curves"]
 
 _LAYOUT = {"template": "plotly_white", "margin": {"l": 60, "r": 20, "t": 50, "b": 50}}
-_FAMILY_COLOURS = {"vit": "#1f77b4", "hybrid": "#2ca02c", "resnet": "#d62728"}
 
 
 def accuracy_bars(rows: Sequence[Mapping[str, Any]], *, title: str = "Test accuracy and macro F1") -> go.Figure:
-    """Grouped bars per model: ``test_accuracy`` and ``test_macro_f1`` (in %), labelled with their value.
+    """Grouped bars, one trace per model in its family's colour: ``test_accuracy`` and ``test_macro_f1`` (in %).
 
-    Each row needs ``name``, ``test_accuracy`` and ``test_macro_f1`` (fractions in [0, 1]).
+    Each row needs ``name``, ``test_accuracy`` and ``test_macro_f1`` (fractions in [0, 1]); an optional
+    ``family`` colours the model's bars (:mod:`vitviz.plots.colours`), same-family models differ by pattern.
     """
-    names = [str(r["name"]) for r in rows]
     fig = go.Figure()
-    for key, label in (("test_accuracy", "accuracy"), ("test_macro_f1", "macro F1")):
-        values = [100.0 * float(r[key]) for r in rows]
-        fig.add_bar(x=names, y=values, name=label, text=[f"{v:.1f}" for v in values], textposition="outside")
+    styles = family_styles([r.get("family") for r in rows])
+    for r, style in zip(rows, styles, strict=True):
+        values = [100.0 * float(r["test_accuracy"]), 100.0 * float(r["test_macro_f1"])]
+        fig.add_bar(x=["accuracy", "macro F1"], y=values, name=str(r["name"]), text=[f"{v:.1f}" for v in values],
+                    textposition="outside", marker={"color": style["colour"], "pattern": {"shape": style["pattern"]}}
+                    if r.get("family") else None)
     low = min([100.0 * float(r[k]) for r in rows for k in ("test_accuracy", "test_macro_f1")], default=0.0)
     fig.update_layout(title=title, barmode="group", yaxis_title="%", **_LAYOUT)
     fig.update_yaxes(range=[max(0.0, low - 10.0), 101.0])  # zoom on the differences, keep the labels visible
@@ -35,17 +39,21 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], *, title: str = "Test accur
 
 
 def training_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], *, metric: str = "val_accuracy",
-                    x: str = "epoch", title: str | None = None) -> go.Figure:
+                    x: str = "epoch", title: str | None = None,
+                    families: Mapping[str, str] | None = None) -> go.Figure:
     """One line per run of ``metric`` against ``x`` (``epoch`` or ``elapsed_s``) from per-epoch log rows.
 
-    Accuracy-like metrics (fractions) are shown in %.
+    Accuracy-like metrics (fractions) are shown in %. ``families`` (run name -> family) colours each
+    line by its family (:mod:`vitviz.plots.colours`); same-family runs differ by dash.
     """
     fig = go.Figure()
     percent = "accuracy" in metric or "f1" in metric
-    for name, rows in curves.items():
+    styles = family_styles([(families or {}).get(name) for name in curves])
+    for (name, rows), style in zip(curves.items(), styles, strict=True):
         xs = [r[x] for r in rows if metric in r]
         ys = [(100.0 if percent else 1.0) * float(r[metric]) for r in rows if metric in r]
-        fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=str(name), marker={"size": 4})
+        line = {"color": style["colour"], "dash": style["dash"]} if name in (families or {}) else None
+        fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=str(name), marker={"size": 4}, line=line)
     label = metric.replace("_", " ") + (" (%)" if percent else "")
     fig.update_layout(title=title or f"{label} per {x.replace('_s', ' (s)')}", xaxis_title=x.replace("_", " "),
                       yaxis_title=label, **_LAYOUT)
@@ -87,7 +95,7 @@ def data_efficiency_lines(rows: Sequence[Mapping[str, Any]], *, title: str | Non
         fig.add_scatter(
             x=[100.0 * float(r["train_fraction"]) for r in members],
             y=[100.0 * float(r["test_accuracy"]) for r in members],
-            mode="lines+markers", name=key, line={"color": _FAMILY_COLOURS.get(key)},
+            mode="lines+markers", name=key, line={"color": family_colour(key) if members[0].get("family") else None},
             customdata=[r.get("num_train", "") for r in members],
             hovertemplate="%{x:.0f} % of train (%{customdata} images)<br>test accuracy %{y:.2f} %<extra>"
             + key + "</extra>",
