@@ -12,7 +12,6 @@ is never called: unpickling a file someone hands us can run arbitrary code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import importlib.metadata
@@ -20,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -31,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from vitviz.atomic import atomic_path
 from vitviz.config import FAMILIES, config_from_dict, config_to_dict
 from vitviz.errors import CheckpointError, ConfigError, VitvizError
 
@@ -213,21 +212,13 @@ def write_safetensors_atomic(
     except OSError as err:
         raise CheckpointError(f"cannot create the directory for {path}: {err}") from err
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.close(fd)
-        safetensors.torch.save_file(prepared, tmp, metadata={METADATA_KEY: text, "format": "pt"})
-        with open(tmp, "rb+") as fp:
-            os.fsync(fp.fileno())  # the data must be on disk before the rename makes it visible
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shared checkpoints from other users
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, Exception) and not isinstance(err, VitvizError):
-            raise CheckpointError(f"could not write checkpoint {path}: {err}") from err
-        raise
-    _fsync_dir(path.parent)
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(prepared, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})
+    except Exception as err:
+        if isinstance(err, VitvizError):
+            raise
+        raise CheckpointError(f"could not write checkpoint {path}: {err}") from err
     return path
 
 
@@ -251,25 +242,15 @@ def update_checkpoint_meta(path: str | os.PathLike, **changes: Any) -> Checkpoin
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes so the data stays aligned
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+        with atomic_path(path, os.stat(path).st_mode & 0o777) as tmp, open(path, "rb") as src, open(tmp, "wb") as dst:
             (n,) = struct.unpack("<Q", src.read(8))
             src.seek(8 + n)
             dst.write(struct.pack("<Q", len(text)) + text)
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"could not rewrite the metadata of {path}: {err}") from err
-        raise
-    _fsync_dir(path.parent)
+    except OSError as err:
+        raise CheckpointError(f"could not rewrite the metadata of {path}: {err}") from err
     return read_checkpoint_meta(path)
 
 
@@ -357,6 +338,15 @@ def _read_vitviz_metadata(path: Path) -> dict[str, Any]:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header of ``path``, checked against the file: CheckpointError saying what is wrong."""
+    raw, size = _read_raw_header(path)
+    header = _parse_header(raw, path)
+    _check_entries(header, path, have=size - 8 - len(raw))
+    return header
+
+
+def _read_raw_header(path: Path) -> tuple[bytes, int]:
+    """The header's bytes and the file's size, after the checks a file's first 8 bytes allow."""
     if not path.exists():
         raise CheckpointError(f"no such checkpoint file: {path}")
     if path.is_dir():
@@ -388,9 +378,12 @@ def _read_header(path: Path) -> dict[str, Any]:
                     f"{path} is incomplete: it ends inside its own description of the weights (a copy or download "
                     f"was probably cut short). {_REDO}"
                 )
-            raw = fp.read(n)
+            return fp.read(n), size
     except OSError as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def _parse_header(raw: bytes, path: Path) -> dict[str, Any]:
     try:
         if not raw.startswith(b"{"):
             raise ValueError("the header is not a JSON object")
@@ -400,7 +393,11 @@ def _read_header(path: Path) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a vitviz checkpoint, or it is damaged: its description of the weights "
                               f"cannot be read. {_REDO}") from err
+    return header
 
+
+def _check_entries(header: dict[str, Any], path: Path, have: int) -> None:
+    """Every tensor entry has a valid place, shape and size, and the ``have`` data bytes are exactly the weights."""
     data_end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -421,7 +418,6 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path} is damaged: the weights {name!r} take the wrong number of bytes for their "
                                   f"shape. {_REDO}")
         data_end = max(data_end, offsets[1])
-    have = size - 8 - n
     if have < data_end:
         raise CheckpointError(
             f"{path} is incomplete: {data_end - have:,} bytes of its weights are missing (a copy or download was "
@@ -429,7 +425,6 @@ def _read_header(path: Path) -> dict[str, Any]:
         )
     if have > data_end:
         raise CheckpointError(f"{path} is damaged: {have - data_end:,} unexpected bytes follow its weights. {_REDO}")
-    return header
 
 
 def _looks_pickled(head: bytes) -> bool:
@@ -694,17 +689,3 @@ def _vitviz_version() -> str:
     except ImportError:
         version = None
     return version if isinstance(version, str) else "0+unknown"
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every OS/filesystem, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitviz.atomic import write_text_atomic
 from vitviz.errors import ConfigError
 from vitviz.models.registry import preset_config
 
@@ -252,8 +253,8 @@ def write_results(spec: CompareSpec, rows: list[dict[str, Any]], out: Path) -> d
         plot_paths.append(str(path))
     summary = {"kind": spec.kind, "dataset": spec.dataset, "epochs": spec.epochs, "img_size": spec.img_size,
                "seed": spec.seed, "rows": rows, "plots": [Path(p).name for p in plot_paths]}
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "results.md", md)
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     # The files are named relative to ``out`` in results.json (it can be moved); full paths for the caller.
     return {**summary, "markdown_path": str(out / "results.md"), "json_path": str(out / "results.json"),
             "plot_paths": plot_paths}

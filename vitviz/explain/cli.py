@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from vitviz.atomic import atomic_path
 from vitviz.errors import ExplainError, VitvizError, WeightsUnavailableError
 from vitviz.explain.registry import method_names, registry
 
@@ -142,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     scale = args.scale or max(1, round(224 / size))
     save_overlay_png(out, fitted, saliency, opacity=args.opacity, colormap=args.colormap, scale=scale)
     npy = out.with_suffix(".npy")
-    np.save(npy, saliency)
+    with atomic_path(npy) as tmp, open(tmp, "wb") as fp:  # np.save would add .npy to a temporary name
+        np.save(fp, saliency, allow_pickle=False)
     from vitviz.explain import adapter_for
 
     if adapter_for(model).has_head:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitviz.atomic import write_bytes_atomic
 from vitviz.errors import ExplainError
 
 __all__ = ["COLORMAPS", "apply_colormap", "colormap_lut", "overlay_png", "plotly_colorscale", "render_overlay",
@@ -143,5 +144,5 @@ def save_overlay_png(path: str | os.PathLike, image: np.ndarray, saliency: np.nd
     """Write :func:`overlay_png` to ``path`` (parent folders created); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(overlay_png(image, saliency, **kwargs))
+    write_bytes_atomic(path, overlay_png(image, saliency, **kwargs))
     return path

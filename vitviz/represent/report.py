@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitviz.atomic import write_text_atomic
 from vitviz.errors import ConfigError, VitvizError
 from vitviz.represent.matrix import CKAResult, cka_matrix, world
 from vitviz.represent.subjects import Subject, prepare
@@ -147,8 +148,8 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
     for name, fig in figures:
         fig.write_html(out / "figures" / f"{name}.html", include_plotlyjs="directory")
     report["figures"] = [f"figures/{name}.html" for name, _ in figures]
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(out / "report.md", markdown(report))
     log(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(figures)} figures in {out / 'figures'}")
     return report
 
@@ -206,7 +207,7 @@ def _write_gallery(subjects: list[Subject], data: Data, readouts: dict[str, Any]
             rows.append({"model": s.name, "index": item.index, "label": item.label,
                          "predictions": {e.model: e.pred for e in item.explained}})
     html.append("</body></html>")
-    (out / "figures" / "gallery.html").write_text("\n".join(html))
+    write_text_atomic(out / "figures" / "gallery.html", "\n".join(html))
     return rows
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from vitviz.atomic import write_text_atomic
 from vitviz.checkpoint import load_checkpoint, parse_device, read_checkpoint_meta, save_checkpoint
 from vitviz.config import HybridConfig
 from vitviz.data import Augment, load_dataset, mixup_cutmix, normalize, random_erase
@@ -507,16 +507,7 @@ _SCALARS = ("loss", "accuracy", "macro_precision", "macro_recall", "macro_f1")
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomic small-file write (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fp:
-            fp.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the log from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
