@@ -22,6 +22,7 @@ import numpy as np
 import streamlit as st
 
 from vitviz import dashboard_support as ds
+from vitviz.arrays import to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURE_KEY = "vitviz.picture"  # session_state: the image last shown on Explore (Compare reuses it)
@@ -364,9 +365,7 @@ def explanation(model_key: str, image_key: str, method: str, params: str, _subje
 
 
 def _numpy(t: Any) -> np.ndarray:
-    if hasattr(t, "detach"):
-        return t.detach().float().cpu().numpy()
-    return np.asarray(t)
+    return to_numpy(t)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -32,6 +32,7 @@ from torch import nn
 from vitviz.atomic import atomic_path
 from vitviz.config import FAMILIES, config_from_dict, config_to_dict
 from vitviz.errors import CheckpointError, ConfigError, VitvizError
+from vitviz.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,8 +51,6 @@ METADATA_KEY = "vitviz"  # the __metadata__ key that holds our JSON
 _MODEL_KIND = "model"  # "kind" of a model checkpoint; sidecars (training state) use their own
 _REDO = "Re-save or re-download it, or pick another file."
 _MAX_HEADER = 100_000_000  # safetensors' own cap on the JSON header; larger means garbage
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bytes per element of the safetensors dtypes, to check a header's sizes without reading the data.
 _DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -170,8 +169,8 @@ def save_checkpoint(
         dataset=None if dataset is None else str(dataset),
         class_names=names,
         img_size=img_size,
-        mean=_triple(mean, _IMAGENET_MEAN, "mean", str(path), ConfigError),
-        std=_triple(std, _IMAGENET_STD, "std", str(path), ConfigError, positive=True),
+        mean=_triple(mean, IMAGENET_MEAN, "mean", str(path), ConfigError),
+        std=_triple(std, IMAGENET_STD, "std", str(path), ConfigError, positive=True),
         train_config=_as_dict(train_config, "train_config"),
         metrics=_as_dict(metrics, "metrics"),
         vitviz_version=_vitviz_version(),

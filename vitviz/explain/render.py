@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitviz.arrays import to_numpy
 from vitviz.atomic import write_bytes_atomic
 from vitviz.errors import ExplainError
 
@@ -63,12 +64,6 @@ def apply_colormap(values: np.ndarray, name: str = "jet") -> np.ndarray:
     return lut[idx]
 
 
-def _to_numpy(x: object) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
     if values.shape == (height, width):
         return values
@@ -93,7 +88,7 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.5
     [0, 1]). ``mask``: (H, W) bool drawn as a white outline. ``point``: (row, col) marked with a
     small cross (e.g. the pointing-game maximum).
     """
-    img = _to_numpy(image)
+    img = to_numpy(image)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
@@ -103,7 +98,7 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.5
     if not 0.0 <= opacity <= 1.0:
         raise ExplainError(f"opacity must be in [0, 1], got {opacity}.")
     h, w = img.shape[:2]
-    sal = _to_numpy(saliency).astype(np.float32)
+    sal = to_numpy(saliency).astype(np.float32)
     if sal.ndim != 2:
         raise ExplainError(f"saliency must be one map (H, W), got shape {sal.shape}; index the batch first.")
     sal = _resize_map(np.nan_to_num(sal), h, w)
@@ -114,7 +109,7 @@ def render_overlay(image: np.ndarray, saliency: np.ndarray, opacity: float = 0.5
     out = (1.0 - opacity) * img.astype(np.float32) + opacity * colour
     out = np.clip(np.round(out), 0, 255).astype(np.uint8)
     if mask is not None:
-        m = _to_numpy(mask).astype(bool)
+        m = to_numpy(mask).astype(bool)
         if m.shape != (h, w):
             raise ExplainError(f"mask must be (H, W) = ({h}, {w}) like the image, got {m.shape}.")
         out[_outline(m)] = 255

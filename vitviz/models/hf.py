@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vitviz.errors import ConfigError, WeightsUnavailableError
+from vitviz.images import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["HF_PREFIX", "HFImageModel", "SUPPORTED_TYPES", "hf_advice", "is_dual", "load_hf_model", "with_prompts"]
 
@@ -46,7 +47,7 @@ SUPPORTED_TYPES: dict[str, str] = {
 _DUAL = ("clip", "siglip")
 
 # Preprocessing when a folder carries no preprocessor_config.json: the values the reference checkpoints use.
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _DEFAULT_STATS = {"vit": _HALF, "beit": _HALF, "siglip": _HALF, "siglip_vision_model": _HALF, "clip": _CLIP,

@@ -135,7 +135,9 @@ def timm_preprocessing(name: str) -> dict[str, Any]:
 
     cfg = pretrained_cfg(name)
     cfg = cfg.to_dict() if cfg is not None else {}
-    return {"mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))), "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    from vitviz.images import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"mean": tuple(cfg.get("mean", IMAGENET_MEAN)), "std": tuple(cfg.get("std", IMAGENET_STD)),
             "img_size": int(cfg.get("input_size", (3, 224, 224))[-1])}
 
 

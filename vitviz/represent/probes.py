@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitviz.arrays import to_numpy
 from vitviz.errors import ConfigError
 
 __all__ = ["ProbeResult", "probe_layers"]
@@ -63,4 +64,4 @@ def probe_layers(train: list[torch.Tensor], y_train: torch.Tensor | np.ndarray, 
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    return to_numpy(x, np.float64)
