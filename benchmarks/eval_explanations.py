@@ -1,28 +1,21 @@
-"""Which explanation to trust: every method x family on freshly generated shapes scenes.
+"""Which explanation to trust: every method x family on freshly generated shapes scenes, with the one scorer.
 
 For each shipped shapes checkpoint (``checkpoints/{vit,hybrid,resnet}_shapes.safetensors``) and
-``--n`` scenes rendered from a seed no model was trained on, it computes per method:
+``--n`` scenes rendered from a seed no model was trained on, :mod:`vitviz.explain.trust` (the scorer
+``vitviz trust`` and the dashboard use) scores every saliency method of the registry that applies to
+the model, explaining and tracking the true class: deletion, insertion and ROAD AUC (patch-aligned
+squares: the token cell on the transformers, the stated 4-px square on the ResNet), pointing game and
+mask IoU against the object masks, each beside uniform random maps' score with 95 % bootstrap
+intervals, the cascading-randomisation sanity check on ``--sanity-images`` scenes, and the time per
+image. The protocol is printed with every table.
 
-* pointing game %: the map's maximum lies inside the object mask (``--tolerance`` px allowed);
-* mask IoU: the top-k pixels of the map (k = mask area) against the mask;
-* deletion AUC (lower is better) and insertion AUC (higher is better), RISE-style, tracking the
-  probability of the true class; deletion replaces pixels with zeros in normalised space (the
-  training mean colour), insertion starts from a Gaussian blur of the scene. Pixels are changed in
-  whole ``--unit`` x ``--unit`` squares (default 4 px: the shapes ViT's patch), ranked by the map's
-  mean over the square, as in the token-perturbation tests of Chefer et al. 2021. Why not single
-  pixels: a random *pixel* order turns the scene into salt-and-pepper noise that no model was
-  trained on, so the random baseline's probability collapses for reasons unrelated to where the
-  evidence is, and smooth maps (which delete contiguous regions) lose to it. Ranking squares gives
-  every map, random included, the same granularity. ``--unit 0`` ranks single pixels;
+One extra row, ``attention, layer L*``, scores raw attention at the layer with the best deletion AUC
+on ``--select-n`` scenes of another seed (chosen there, scored here). Prints one Markdown table per
+family and checks the targets: the best ViT method points inside the object on >= 80 % of scenes,
+every method beats the random baseline on deletion AUC, how the best ViT method other than Chefer
+relevance compares with it, and that every method's sanity check is reported.
 
-and the same for uniform random maps (one random baseline per family: random maps do not depend
-on the method). Methods run with their defaults (raw attention: the last layer); one extra row,
-``attention, layer L*``, uses the layer with the best deletion AUC on ``--select-n`` scenes of
-another seed (chosen there, scored here). Maps explain the true class. Prints a Markdown table and checks the targets:
-the best ViT method points inside the object on >= 80 % of scenes, and every method beats the
-random baseline on deletion AUC.
-
-    python benchmarks/eval_explanations.py [--n 500] [--steps 16] [--unit 4] [--json out.json]
+    python benchmarks/eval_explanations.py [--n 500] [--steps 16] [--json out.json] [--skip-slow]
 """
 
 from __future__ import annotations
@@ -37,14 +30,15 @@ import torch
 
 from vitviz.checkpoint import load_checkpoint
 from vitviz.data.shapes import make_shapes
-from vitviz.explain import (
-    METHOD_PARAMS,
-    deletion_insertion,
-    explain,
-    mask_iou,
-    methods_for,
-    pointing_game,
-    random_maps,
+from vitviz.explain import explain, methods_for
+from vitviz.explain.registry import get_method
+from vitviz.explain.trust import (
+    markdown_table,
+    merge_records,
+    perturbation_scores,
+    protocol_for,
+    score_methods,
+    summarise,
 )
 from vitviz.images import preprocess
 
@@ -59,7 +53,7 @@ def explain_all(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, m
     out = []
     for start in range(0, x.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        kw = {"target": labels[sl]} if "target" in METHOD_PARAMS[method] else {}
+        kw = {"target": labels[sl]} if "target" in get_method(method).params else {}
         out.append(explain(model, x[sl], method, **kw, **params))
     return torch.cat(out)
 
@@ -73,28 +67,32 @@ def pick_attention_layer(model: torch.nn.Module, meta, args: argparse.Namespace)
     images, labels_np, _ = make_shapes(args.select_n, seed=args.seed + 2, img_size=meta.img_size)
     x = preprocess(images, meta).to(args.device)
     labels = torch.from_numpy(labels_np).long().to(args.device)
+    protocol = protocol_for(model, meta.img_size, meta.img_size, steps=args.steps, target="label", seed=args.seed)
     aucs = []
     for layer in range(len(model.blocks)):
         maps = explain_all(model, x, labels, "attention", args.batch_size, layer=layer)
-        di = deletion_insertion(model, x, maps, target=labels, mode="deletion", steps=args.steps,
-                                patch_size=args.unit or None, batch_size=args.forward_batch, seed=args.seed)
-        aucs.append(float(di.deletion_auc.mean()))
+        got = perturbation_scores(model, x, maps, labels, protocol, range(len(x)), road=False,
+                                  forward_batch=args.forward_batch)
+        aucs.append(float(got["deletion_auc"].mean()))
     return min(range(len(aucs)), key=aucs.__getitem__)
 
 
-def score(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor,
-          args: argparse.Namespace) -> dict[str, float]:
-    di = deletion_insertion(model, x, maps, target=labels, steps=args.steps, patch_size=args.unit or None,
-                            batch_size=args.forward_batch, seed=args.seed)
-    return {
-        "pointing_game_pct": 100.0 * float(pointing_game(maps, masks, args.tolerance).float().mean()),
-        "mask_iou": float(mask_iou(maps, masks).mean()),
-        "deletion_auc": float(di.deletion_auc.mean()),
-        "insertion_auc": float(di.insertion_auc.mean()),
-    }
+def flat(entry: dict, random: bool = False) -> dict[str, float]:
+    """One method's (or, with ``random``, the random maps') means in the benchmark's flat form."""
+    get = (lambda k: entry["metrics"][k]["random"]) if random else (lambda k: entry["metrics"][k]["mean"])
+    out = {"pointing_game_pct": 100.0 * get("pointing_game"), "mask_iou": get("mask_iou"),
+           "deletion_auc": get("deletion_auc"), "insertion_auc": get("insertion_auc"), "road_auc": get("road_auc")}
+    if not random:
+        out["ms_per_image"] = entry["ms_per_image"]
+        if "sanity" in entry:
+            out["sanity_spearman"] = entry["sanity"]["final"]
+            out["sanity_flagged"] = entry["sanity"]["flagged"]
+    return out
 
 
 def evaluate_family(family: str, path: Path, args: argparse.Namespace) -> dict:
+    from vitviz.explain.trust import is_slow
+
     model, meta = load_checkpoint(path, args.device)
     images, labels_np, masks_np = make_shapes(args.n, seed=args.seed, img_size=meta.img_size)
     x = preprocess(images, meta).to(args.device)  # (N, 3, S, S)
@@ -102,37 +100,51 @@ def evaluate_family(family: str, path: Path, args: argparse.Namespace) -> dict:
     masks = torch.from_numpy(masks_np).to(args.device)
     with torch.no_grad():
         preds = torch.cat([model(x[i:i + args.batch_size]).argmax(-1) for i in range(0, len(x), args.batch_size)])
-    result = {"checkpoint": str(path), "img_size": meta.img_size, "accuracy": float((preds == labels).float().mean()),
-              "methods": {}}
-    for method in methods_for(model, saliency_only=True):
-        t0 = time.perf_counter()
-        maps = explain_all(model, x, labels, method, args.batch_size)
-        result["methods"][method] = score(model, x, labels, masks, maps, args)
-        print(f"  {family:<7}{method:<14}{time.perf_counter() - t0:6.1f} s", file=sys.stderr)
-    if "attention" in result["methods"] and args.select_n:
+    methods = methods_for(model, saliency_only=True)
+    if args.methods:
+        methods = [m for m in methods if m in args.methods.split(",")]
+    if args.skip_slow:
+        methods = [m for m in methods if not is_slow(m, model, meta.img_size, meta.img_size)]
+    protocol = protocol_for(model, meta.img_size, meta.img_size, steps=args.steps, target="label", seed=args.seed,
+                            sanity_images=args.sanity_images)
+    t0 = time.perf_counter()
+    progress = (lambda msg: print(f"  {family:<7}{msg} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)) \
+        if args.verbose else None
+    rec = score_methods(model, x, methods=methods, protocol=protocol, labels=labels, masks=masks,
+                        batch_size=args.batch_size, forward_batch=args.forward_batch, progress=progress)
+    extra = {}
+    if "attention" in methods and args.select_n and hasattr(model, "blocks"):
         layer = pick_attention_layer(model, meta, args)
-        maps = explain_all(model, x, labels, "attention", args.batch_size, layer=layer)
-        result["methods"][f"attention, layer {layer}*"] = score(model, x, labels, masks, maps, args)
-    rand = random_maps(torch.empty(x.shape[0], *x.shape[-2:]), seed=args.seed + 1).to(args.device)
-    result["random"] = score(model, x, labels, masks, rand, args)
+        name = f"attention, layer {layer}*"
+        one = score_methods(model, x, methods=["attention"], protocol=protocol, labels=labels, masks=masks,
+                            batch_size=args.batch_size, forward_batch=args.forward_batch,
+                            params={"attention": {"layer": layer}}, sanity_indices=[])
+        extra = {name: one}
+    report = summarise(rec)
+    result = {"checkpoint": str(path), "img_size": meta.img_size, "accuracy": float((preds == labels).float().mean()),
+              "report": report, "methods": {m: flat(e) for m, e in report["methods"].items()},
+              "random": flat(next(iter(report["methods"].values())), random=True)}
+    for name, one in extra.items():
+        rep = summarise(merge_records([one]), labels={"attention": name})
+        result["methods"][name] = flat(rep["methods"]["attention"])
+        result["extra_rows"] = {name: rep["methods"]["attention"]}
+    print(f"  {family}: {len(methods)} methods on {args.n} scenes in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return result
 
 
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
-    lines = [
-        f"Explanations on {args.n} fresh shapes scenes (seed {args.seed}), true class explained; "
-        f"deletion/insertion in {args.steps} steps of "
-        + (f"{args.unit}x{args.unit}-px squares." if args.unit else "single pixels."),
-        "",
-        "| family | method | pointing game % | mask IoU | deletion AUC ↓ | insertion AUC ↑ |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    """One ranked table per family (the scorer's own renderer), the accuracy and command above it."""
+    parts = [f"Command: `python benchmarks/eval_explanations.py --n {args.n} --steps {args.steps}"
+             + (" --skip-slow" if args.skip_slow else "") + (f" --methods {args.methods}" if args.methods else "")
+             + f"` (scenes from seed {args.seed}, true class explained)."]
     for family, res in results.items():
-        rows = list(res["methods"].items()) + [("random map", res["random"])]
-        for method, m in rows:
-            lines.append(f"| {family} (acc {res['accuracy']:.1%}) | {method} | {m['pointing_game_pct']:.1f} | "
-                         f"{m['mask_iou']:.3f} | {m['deletion_auc']:.3f} | {m['insertion_auc']:.3f} |")
-    return "\n".join(lines)
+        parts += ["", f"### {family} (test accuracy on these scenes {res['accuracy']:.1%})", "",
+                  markdown_table(res["report"]).rstrip()]
+        for name, e in res.get("extra_rows", {}).items():
+            m = e["metrics"]
+            parts.append(f"\nExtra row, {name}: " + ", ".join(
+                f"{k} {m[k]['mean']:.3f} [{m[k]['low']:.3f}, {m[k]['high']:.3f}]" for k in m))
+    return "\n".join(parts)
 
 
 def check_targets(results: dict[str, dict]) -> list[str]:
@@ -148,6 +160,22 @@ def check_targets(results: dict[str, dict]) -> list[str]:
              if m["deletion_auc"] >= res["random"]["deletion_auc"]]
     lines.append("PASS: every method beats its random baseline on deletion AUC" if not worse
                  else f"FAIL: not better than random on deletion AUC: {', '.join(worse)}")
+    vit = results.get("vit", {}).get("methods", {})
+    if "chefer" in vit:
+        others = {k: v for k, v in vit.items() if k != "chefer"}
+        best_del = min(others, key=lambda k: others[k]["deletion_auc"])
+        best_pg = max(others, key=lambda k: others[k]["pointing_game_pct"])
+        c = vit["chefer"]
+        beats = (others[best_del]["deletion_auc"] < c["deletion_auc"]
+                 or others[best_pg]["pointing_game_pct"] > c["pointing_game_pct"])
+        lines.append(f"{'PASS' if beats else 'INFO'}: vs Chefer relevance on the ViT (deletion AUC "
+                     f"{c['deletion_auc']:.3f}, pointing {c['pointing_game_pct']:.1f} %): best other deletion AUC "
+                     f"{best_del} {others[best_del]['deletion_auc']:.3f}, best other pointing {best_pg} "
+                     f"{others[best_pg]['pointing_game_pct']:.1f} %")
+    missing = [f"{f}/{meth}" for f, res in results.items() for meth, m in res["methods"].items()
+               if "sanity_spearman" not in m and not meth.endswith("*")]
+    lines.append("PASS: every method's sanity check is reported" if not missing
+                 else f"FAIL: no sanity check for {', '.join(missing)}")
     return lines
 
 
@@ -158,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=500, help="scenes (default 500)")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    p.add_argument("--unit", type=int, default=4, help="deletion/insertion unit: squares of this side in px "
-                   "(default 4); 0 = single pixels")
+    p.add_argument("--sanity-images", type=int, default=8, help="scenes for the randomisation check (default 8)")
+    p.add_argument("--skip-slow", action="store_true", help="leave out methods of many passes (RISE, occlusion, ...)")
+    p.add_argument("--methods", help="comma-separated methods to score (default: every one the model supports)")
+    p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--select-n", type=int, default=100, help="scenes (another seed) to choose the raw-attention "
                    "layer on, for the extra 'attention, layer L*' row (0: no such row)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="pointing-game tolerance in px (default 0)")
     p.add_argument("--batch-size", type=int, default=50, help="images per explanation batch")
     p.add_argument("--forward-batch", type=int, default=256, help="images per deletion/insertion forward pass")
     p.add_argument("--device", default="cpu")

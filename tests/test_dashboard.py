@@ -172,7 +172,7 @@ BAD_FILES = {
     # name: (file name, bytes, words the st.error must contain)
     "not an image": ("notes.png", b"hello, this is plain text and not a picture\n" * 3, "not an image"),
     "empty": ("empty.png", b"", "empty"),
-    "truncated": ("cut.png", encode(scene(64, 64), "PNG")[:300], "truncated"),
+    "truncated": ("cut.png", encode(scene(64, 64), "PNG")[:300], "incomplete"),
     "bomb": ("bomb.png", png_claiming(19_000, 19_000), "pixels"),
     "absurd dimensions": ("wide.png", png_claiming(100_000, 10), "refused"),
     "svg": ("vector.png", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>', "SVG"),
@@ -402,8 +402,17 @@ def test_compare_page(app):
     # bars, curves, 3 confusion matrices, data efficiency, 3 overlays, faithfulness curves
     assert len(charts(app)) == 10
     table = app.dataframe[1].value
-    assert len(table) == 5 + 5 + 1  # every method of ViT and hybrid, Grad-CAM of the ResNet
-    assert {"Deletion AUC ↓", "Insertion AUC ↑", "Pointing game ↑"} <= set(table.columns)
+    # every model's maps that are quick to score (the registry's cost), each method once per model
+    from vitviz.checkpoint import load_checkpoint
+    from vitviz.explain import METHOD_LABELS, methods_for
+    from vitviz.explain.trust import is_slow
+
+    for stem in ("vit_shapes", "hybrid_shapes", "resnet_shapes"):
+        model, meta = load_checkpoint(Path(os.environ["VITVIZ_CHECKPOINTS"]) / f"{stem}.safetensors")
+        fast = [METHOD_LABELS[m] for m in methods_for(model, saliency_only=True)
+                if not is_slow(m, model, meta.img_size, meta.img_size)]
+        assert sorted(table[table["Model"] == stem]["Method"]) == sorted(fast), stem
+    assert {"Deletion AUC ↓", "Insertion AUC ↑", "ROAD AUC ↓", "Pointing game ↑"} <= set(table.columns)
     app.button_group(key="faith_set").set_value("set").run()
     app.selectbox(key="curve_metric").set_value("train_loss").run()
     app.selectbox(key="cmp_method").set_value("rollout").run()

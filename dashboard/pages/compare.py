@@ -7,9 +7,6 @@ import streamlit as st
 from dashboard import state, trust_panel, ui
 from vitviz import dashboard_support as ds
 
-SHORT = {"attention": "Raw attention", "rollout": "Rollout", "grad-rollout": "Grad-rollout",
-         "chefer": "Chefer relevance", "gradcam": "Grad-CAM"}
-
 
 def scores_section(infos: list[ds.ModelInfo]) -> None:
     from vitviz.plots.training import accuracy_bars
@@ -60,7 +57,7 @@ def curves_section(infos: list[ds.ModelInfo]) -> None:
         st.caption("Transformers have fewer built-in assumptions about images than CNNs, so on small data they "
                    "usually learn more slowly per epoch.")
     with c2:
-        fig = training_curves(curves, metric=metric, x=x)
+        fig = training_curves(curves, metric=metric, x=x, families={ds.short_name(i): i.family for i in infos})
         fig.update_layout(height=340)
         st.plotly_chart(fig, key="curves")
 
@@ -119,7 +116,7 @@ def pick_picture(dataset: str) -> state.Picture:
 
 def side_by_side_section(models: list[state.Loaded], dataset: str) -> state.Picture:
     from vitviz.explain import METHOD_LABELS, METHODS
-    from vitviz.plots.explain import overlay_figure
+    from vitviz.plots.explain import map_label, overlay_figure
 
     st.subheader("One image, every model", divider="gray")
     c1, c2 = st.columns(2)
@@ -137,57 +134,13 @@ def side_by_side_section(models: list[state.Loaded], dataset: str) -> state.Pict
             name, p, _ = ds.topk(probs, loaded.info.class_names, 1)[0]
             emap = state.explanation(*subject.key, m, ds.params_key({}), subject, {})
             fig = overlay_figure(subject.fitted_array, emap, opacity=0.5, colorscale="jet", mask=subject.mask,
-                                 point=ds.peak(emap))
+                                 point=ds.peak(emap), label=map_label(m))
             fig.update_traces(showscale=False, selector={"type": "heatmap"})
             fig.update_layout(height=300)
             st.markdown(f"{ui.family_badge(loaded.info)} **{ds.short_name(loaded.info)}**")
             st.plotly_chart(fig, key=f"side_{ds.short_name(loaded.info)}", config={"displayModeBar": False})
             st.caption(f"{METHOD_LABELS.get(m, m)} · predicts **{name}** ({100 * p:.0f} %)")
     return picture
-
-
-@ui.fragment("the faithfulness scores")
-def faithfulness_section(models: list[state.Loaded], picture: state.Picture, dataset: str) -> None:
-    from vitviz.plots.explain import faithfulness_figure
-
-    st.subheader("Which explanation can you trust?", divider="gray")
-    sets = {"this": "the image above", "set": f"8 bundled {dataset} images" if dataset in ("shapes", "digits")
-            else "8 bundled images"}
-    which = st.segmented_control("Scored on", list(sets), default="this", key="faith_set", required=True,
-                                 format_func=sets.get)
-    pictures = [picture] if which == "this" else [state.sample(n) for n in ds.dataset_samples(dataset)[:8]]
-    if which == "this":
-        ui.ood_caveat(models, picture, "These scores")
-    rows, results = [], {}
-    with st.spinner("Deleting and inserting pixels…"):
-        for loaded in models:
-            for method in state.methods(loaded, saliency_only=True):
-                r = state.faithfulness(loaded.key, tuple(p.key for p in pictures), method, loaded, pictures)
-                results[(ds.short_name(loaded.info), method)] = r
-                rows.append(ds.faithfulness_row(ds.short_name(loaded.info), loaded.info.family_label,
-                                                SHORT.get(method, method), r))
-    st.dataframe(ds.drop_empty_columns(rows), hide_index=True, key="faith_table", height="content", column_config={
-        "Deletion AUC ↓": st.column_config.NumberColumn(format="%.3f"),
-        "Insertion AUC ↑": st.column_config.NumberColumn(format="%.3f"),
-        "Pointing game ↑": st.column_config.NumberColumn(format="%.0f %%"),
-        "Mask IoU ↑": st.column_config.NumberColumn(format="%.2f"),
-    })
-    c1, c2 = st.columns([1, 1.4], gap="large")
-    with c1:
-        keys = list(results)
-        pick = st.selectbox("Curves of", keys, key="faith_pick",
-                            format_func=lambda k: f"{k[0]} · {SHORT.get(k[1], k[1])}")
-        st.markdown("**Deletion** removes the pixels a map calls most important first: if the map is faithful, "
-                    "the model's confidence collapses quickly (a low area under the curve). **Insertion** starts "
-                    "from a blurred image and adds them back (a high area is good).")
-        st.caption("On shapes scenes, the pointing game asks whether each map's maximum lies on the object, and "
-                   "mask IoU how well its most salient pixels cover it. Scores on one image are noisy: score the "
-                   "set of 8 for a steadier comparison.")
-    with c2:
-        r = results[pick]
-        fig = faithfulness_figure(r["fractions"], r["deletion"], r["insertion"], title="")
-        fig.update_layout(height=320, margin={"t": 20}, legend={"orientation": "h", "y": -0.25})
-        st.plotly_chart(fig, key="faith_curves")
 
 
 @ui.fragment("the side-by-side explanations")

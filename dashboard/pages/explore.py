@@ -117,14 +117,15 @@ def explanation_section(subject: state.Subject, probs) -> None:
 
 def prompt_maps(subject: state.Subject, method: str, kwargs: dict) -> None:
     """One small overlay per prompt (the method's target set to that prompt), three to a row."""
-    from vitviz.plots.explain import overlay_figure
+    from vitviz.plots.explain import map_label, overlay_figure
 
     names = subject.info.class_names
     cols = st.columns(min(3, len(names)))
     for i, name in enumerate(names):
         params = {**kwargs, "target": i}
         emap = state.explanation(*subject.key, method, ds.params_key(params), subject, params)
-        fig = overlay_figure(subject.fitted_array, emap, opacity=0.5, point=ds.peak(emap), title=name)
+        fig = overlay_figure(subject.fitted_array, emap, opacity=0.5, point=ds.peak(emap), title=name,
+                             label=map_label(method))
         fig.update_layout(height=260)
         with cols[i % len(cols)]:
             st.plotly_chart(fig, key=f"prompt_map_{i}", config={"displayModeBar": False})
@@ -133,7 +134,7 @@ def prompt_maps(subject: state.Subject, method: str, kwargs: dict) -> None:
 @ui.fragment("the overlay")
 def overlay_display(subject: state.Subject, method: str, params: str, emap) -> None:
     """The overlay and what only changes its look (opacity, colour map): a rerun of its own, nothing recomputed."""
-    from vitviz.plots.explain import overlay_figure
+    from vitviz.plots.explain import map_label, overlay_figure
 
     info = subject.info
     peak = ds.peak(emap)
@@ -162,7 +163,7 @@ def overlay_display(subject: state.Subject, method: str, params: str, emap) -> N
                            icon=":material/data_array:", width="stretch")
     with fig_col:
         fig = overlay_figure(subject.fitted_array, emap, opacity=opacity, colorscale=cmap, mask=subject.mask,
-                             point=peak)
+                             point=peak, label=map_label(method))
         fig.update_layout(height=430)
         st.plotly_chart(fig, key="overlay", config={"displayModeBar": False})
     what = "its true mask (white outline) and " if subject.mask is not None else ""
@@ -179,8 +180,8 @@ def heads_section(subject: state.Subject, depth: int, heads: int) -> None:
                          help="Early layers mix local and global heads; late layers attend to what decides the class.")
     maps = state.attention_heads(*subject.key, layer - 1, subject)
     cols = min(heads, 6)
-    fig = heads_figure(maps, cols=cols, colorscale="inferno")
-    fig.update_layout(width=170 * cols + 110)  # square tiles, however many heads
+    fig = heads_figure(maps, cols=cols, colorscale="inferno", image=subject.fitted_array)
+    fig.update_layout(width=170 * cols + 150)  # square tiles, however many heads (and the colour bar's title)
     st.plotly_chart(fig, key="heads", width="content", config={"displayModeBar": False})
     from vitviz.explain import token_layout
 

@@ -1,5 +1,9 @@
 """Which explanation to trust: deletion/insertion AUC, pointing game and mask IoU.
 
+These are the building blocks; :mod:`vitviz.explain.trust` is the one scorer built on them (protocol
+stated, patch-aligned units, ROAD, the sanity check, random maps with bootstrap intervals) that
+``vitviz trust``, ``benchmarks/eval_explanations.py`` and the dashboard use.
+
 Deletion and insertion follow RISE (Petsiuk et al. 2018). Pixels are ranked by the map (most
 salient first). Deletion replaces them, step by step, with a baseline image and tracks the target
 class probability: a faithful map makes it fall fast (low AUC is good). Insertion starts from the
