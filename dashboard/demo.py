@@ -44,7 +44,7 @@ def write_demo_checkpoints(folder: str | Path, dataset: str = "shapes", seed: in
             mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
             metrics={"test_accuracy": acc, "test_macro_precision": acc - 0.01, "test_macro_recall": acc - 0.02,
                      "test_macro_f1": acc - 0.015},
-            curves=curves, test_confusion_matrix=cm.tolist(), num_params=sum(p.numel() for p in model.parameters()),
+            curves=curves, confusion_matrix=cm.tolist(), num_params=sum(p.numel() for p in model.parameters()),
             demo=True,
         )
         out.append(path)

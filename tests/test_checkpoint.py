@@ -84,7 +84,7 @@ def test_round_trip_each_family(tmp_path, key):
     path = save_checkpoint(
         model, tmp_path / "ck" / f"{key}.safetensors", dataset="shapes", class_names=CLASSES,
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), train_config={"epochs": 2, "lr": 1e-3},
-        metrics=metrics, curves={"loss": [2.0, 1.5]},
+        metrics=metrics, curves=[{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}],
     )
     loaded, meta = load_checkpoint(path)
     assert type(loaded) is type(model) and not loaded.training
@@ -100,7 +100,7 @@ def test_round_trip_each_family(tmp_path, key):
     assert meta.img_size == size and meta.num_classes == 3
     assert meta.mean == (0.5, 0.5, 0.5) and meta.std == (0.25, 0.25, 0.25)
     assert meta.train_config == {"epochs": 2, "lr": 1e-3} and meta.metrics == metrics
-    assert meta.extra["curves"] == {"loss": [2.0, 1.5]} and "created_at" in meta.extra
+    assert meta.curves == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}] and "created_at" in meta.extra
     assert meta.format_version == FORMAT_VERSION and meta.vitviz_version
     assert read_checkpoint_meta(path) == meta
 
@@ -438,3 +438,31 @@ def test_cuda_round_trip(tmp_path):
     save_checkpoint(loaded, tmp_path / "from_cuda.safetensors")
     back, _ = load_checkpoint(tmp_path / "from_cuda.safetensors")
     assert torch.equal(back.head.weight, model.head.weight)
+
+
+def test_typed_training_records_round_trip_and_older_files_are_read(tmp_path):
+    """curves, confusion matrix, parameter count and training time are typed fields; files that kept them in
+    ``extra`` (as vitviz train wrote them before) are read into the same fields."""
+    import json
+
+    from vitviz.checkpoint import CheckpointMeta, read_checkpoint_meta, save_checkpoint
+    from vitviz.models import build_model
+    from vitviz.models.registry import preset_config
+
+    model = build_model(*preset_config("vit_p4_d8_32", num_classes=2))
+    path = save_checkpoint(model, tmp_path / "m.safetensors", curves=[{"epoch": 1, "val_accuracy": 0.5}],
+                           confusion_matrix=[[3, 1], [0, 4]], train_time_s=12.5)
+    meta = read_checkpoint_meta(path)
+    assert meta.curves == [{"epoch": 1, "val_accuracy": 0.5}] and meta.confusion_matrix == [[3, 1], [0, 4]]
+    assert meta.num_params == sum(p.numel() for p in model.parameters()) and meta.train_time_s == 12.5
+    assert "curves" not in meta.extra
+    old = {k: v for k, v in meta.to_dict().items() if k not in ("curves", "confusion_matrix", "num_params",
+                                                                  "train_time_s")}
+    old["extra"] = {**old["extra"], "curves": meta.curves, "test_confusion_matrix": meta.confusion_matrix,
+                    "num_params": meta.num_params, "train_time_s": 12.5}
+    again = CheckpointMeta.from_dict(json.loads(json.dumps(old)))
+    assert (again.curves, again.confusion_matrix, again.num_params, again.train_time_s) == (
+        meta.curves, meta.confusion_matrix, meta.num_params, meta.train_time_s)
+    assert "test_confusion_matrix" not in again.extra
+    with pytest.raises(ConfigError, match="square table of counts"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", confusion_matrix=[[1, 2, 3], [4, 5, 6]])

@@ -64,13 +64,6 @@ def test_model_info_metrics_and_curves(ckpts):
     assert np.asarray(ds.confusion_of(info)).shape == (8, 8)
 
 
-def test_curves_as_columns_become_rows():
-    info = ds.ModelInfo("k", "l", "checkpoint", "vit", 32, (0, 0, 0), (1, 1, 1), ("a",),
-                        extra={"curves": {"val_accuracy": [0.1, 0.5], "train_loss": [2.0, 1.0]}})
-    assert ds.curves_of(info) == [{"val_accuracy": 0.1, "train_loss": 2.0, "epoch": 1},
-                                  {"val_accuracy": 0.5, "train_loss": 1.0, "epoch": 2}]
-
-
 def test_topk():
     top = ds.topk(np.array([0.1, 0.6, 0.3]), ["a", "b", "c"], k=2)
     assert [(n, i) for n, _, i in top] == [("b", 1), ("c", 2)]

@@ -101,8 +101,13 @@ def test_run_writes_checkpoints_log_and_metadata(tmp_path):
     for key in ("test_accuracy", "test_macro_precision", "test_macro_recall", "test_macro_f1", "val_accuracy"):
         assert key in meta.metrics, key
     assert meta.metrics["epoch"] == result.best_epoch
-    assert [r["epoch"] for r in meta.extra["curves"]] == [1, 2, 3]
-    assert len(meta.extra["test_confusion_matrix"]) == 10
+    assert [r["epoch"] for r in meta.curves] == [1, 2, 3]
+    assert len(meta.confusion_matrix) == 10
+    assert sum(map(sum, meta.confusion_matrix)) == meta.metrics["test_num_samples"]  # each test image once
+    from vitviz.checkpoint import load_checkpoint
+
+    assert meta.num_params == sum(p.numel() for p in load_checkpoint(out / "best.safetensors")[0].parameters())
+    assert meta.train_time_s is not None and meta.train_time_s > 0
 
     # The stored test accuracy is what `vitviz evaluate` reports for the best checkpoint.
     report = evaluate_checkpoint(out / "best.safetensors", device="cpu", limit=None)

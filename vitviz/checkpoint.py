@@ -74,8 +74,12 @@ class CheckpointMeta:
     metrics: dict[str, Any] | None  # e.g. test_accuracy, macro_precision, macro_recall, macro_f1
     vitviz_version: str  # the vitviz that wrote it
     format_version: int  # layout of this metadata (FORMAT_VERSION when written)
-    extra: dict[str, Any] = field(default_factory=dict)  # anything else: curves, created_at, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # anything else: created_at, per-class scores, ...
     ood: dict[str, Any] | None = None  # out-of-distribution calibration (vitviz.ood); None in older files
+    curves: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch, as vitviz train logs it
+    confusion_matrix: list[list[int]] | None = None  # test split: rows true class, columns predicted
+    num_params: int | None = None  # trainable and frozen parameters
+    train_time_s: float | None = None  # wall-clock training time
 
     @property
     def num_classes(self) -> int:
@@ -104,6 +108,10 @@ class CheckpointMeta:
             "metrics": _deepcopy_json(self.metrics),
             "extra": _deepcopy_json(self.extra),
             "ood": _deepcopy_json(self.ood),
+            "curves": _deepcopy_json(self.curves),
+            "confusion_matrix": _deepcopy_json(self.confusion_matrix),
+            "num_params": self.num_params,
+            "train_time_s": self.train_time_s,
         }
 
     @classmethod
@@ -129,13 +137,19 @@ def save_checkpoint(
     train_config: Mapping[str, Any] | Any | None = None,
     metrics: Mapping[str, Any] | None = None,
     ood: Mapping[str, Any] | None = None,
+    curves: Sequence[Mapping[str, Any]] | None = None,
+    confusion_matrix: Sequence[Sequence[int]] | None = None,
+    num_params: int | None = None,
+    train_time_s: float | None = None,
     **extra: Any,
 ) -> Path:
     """Write ``model``'s weights and metadata to ``path`` atomically; return the path.
 
     ``family`` defaults to ``model.family``, ``img_size`` to the config's, ``mean``/``std`` to
     ImageNet's. ``train_config`` may be a dict or a dataclass. ``ood`` is an out-of-distribution
-    calibration from :func:`vitviz.ood.calibrate` (``meta.ood``). Keyword arguments beyond these are
+    calibration from :func:`vitviz.ood.calibrate` (``meta.ood``). ``curves`` (per-epoch log rows),
+    ``confusion_matrix`` (test split), ``num_params`` and ``train_time_s`` are typed fields of
+    :class:`CheckpointMeta`; ``num_params`` defaults to the model's count. Keyword arguments beyond these are
     kept in ``meta.extra`` (a ``created_at`` UTC timestamp is added unless given). Everything must
     be JSON-serialisable (numpy scalars/arrays, small tensors and paths are converted).
     A DDP- or ``torch.compile``-wrapped model is unwrapped first, so keys never carry
@@ -177,9 +191,14 @@ def save_checkpoint(
         format_version=FORMAT_VERSION,
         extra={"created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra},
         ood=_as_dict(ood, "ood"),
+        curves=_curves(curves, str(path), ConfigError),
+        confusion_matrix=_matrix(confusion_matrix, str(path), ConfigError),
+        num_params=_positive_int(num_params if num_params is not None else sum(p.numel() for p in model.parameters()),
+                                 "num_params", str(path), ConfigError),
+        train_time_s=_seconds(train_time_s, str(path), ConfigError),
     )
     for name, value in (("train_config", meta.train_config), ("metrics", meta.metrics), ("ood", meta.ood),
-                        *extra.items()):
+                        ("curves", meta.curves), *extra.items()):
         _dumps(value, name)  # names the culprit as the caller wrote it, e.g. metrics['per_class'][2]
     n = meta.num_classes
     if names is not None and n and len(names) != n:
@@ -471,8 +490,10 @@ def _meta_from_dict(data: Mapping[str, Any], where: str) -> CheckpointMeta:
         raise CheckpointError(f"{where}: extra must be an object, got {type(extra).__name__}.")
     # Keys a later format-1 writer adds are kept rather than lost.
     known = set(_REQUIRED) | {"kind", "vitviz_version", "dataset", "class_names", "train_config", "metrics", "extra",
-                              "ood"}
+                              "ood", *_TYPED}
     extra = {**extra, **{k: v for k, v in data.items() if k not in known}}
+    # Files written before the typed fields existed keep them in ``extra`` under the names vitviz train used.
+    typed = {key: data[key] if data.get(key) is not None else extra.pop(old, None) for key, old in _TYPED.items()}
     return CheckpointMeta(
         family=family,
         model_config=model_config,
@@ -487,7 +508,44 @@ def _meta_from_dict(data: Mapping[str, Any], where: str) -> CheckpointMeta:
         format_version=version,
         extra=extra,
         ood=optional["ood"],
+        curves=_curves(typed["curves"], where, CheckpointError),
+        confusion_matrix=_matrix(typed["confusion_matrix"], where, CheckpointError),
+        num_params=None if typed["num_params"] is None else _positive_int(typed["num_params"], "num_params", where,
+                                                                           CheckpointError),
+        train_time_s=_seconds(typed["train_time_s"], where, CheckpointError),
     )
+
+
+# typed field -> the key ``extra`` held it under in files written before it was a field
+_TYPED = {"curves": "curves", "confusion_matrix": "test_confusion_matrix", "num_params": "num_params",
+          "train_time_s": "train_time_s"}
+
+
+def _curves(value: Any, where: str, error: type[Exception]) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(isinstance(r, Mapping) for r in value):
+        raise error(f"{where}: curves must be a list of per-epoch rows (objects), got {type(value).__name__}.")
+    return [dict(r) for r in value]
+
+
+def _matrix(value: Any, where: str, error: type[Exception]) -> list[list[int]] | None:
+    if value is None:
+        return None
+    rows = value.tolist() if hasattr(value, "tolist") else value  # a numpy array or tensor as nested lists
+    rows = [list(r) for r in rows] if isinstance(rows, Sequence) and all(isinstance(r, Sequence) for r in rows) else []
+    if not rows or any(len(r) != len(rows) for r in rows) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for r in rows for v in r):
+        raise error(f"{where}: confusion_matrix must be a square table of counts (non-negative integers).")
+    return rows
+
+
+def _seconds(value: Any, where: str, error: type[Exception]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise error(f"{where}: train_time_s must be a non-negative number of seconds, got {value!r}.")
+    return float(value)
 
 
 def _check_state_dict(

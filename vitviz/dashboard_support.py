@@ -102,6 +102,11 @@ class ModelInfo:
     has_head: bool = True  # False for a headless model (DINOv2, CLIP towers, num_classes=0): it returns features
     token_attention: bool | None = None  # whether attention can be recorded; None: decided by the family
     ood: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)  # vitviz.ood calibration
+    # What vitviz train recorded (CheckpointMeta's typed fields); empty / None for other models
+    curves: tuple[Mapping[str, Any], ...] = field(default=(), compare=False, hash=False)
+    confusion_matrix: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False, hash=False)
+    num_params: int | None = None
+    train_time_s: float | None = None
     prompts: bool = False  # True for a CLIP over typed prompts: the classes are the user's texts
 
     @property
@@ -208,6 +213,9 @@ def checkpoint_info(entry: CheckpointEntry, meta: Any = None) -> ModelInfo:
         key=entry.key, label=entry.label, source="checkpoint", family=meta.family, img_size=int(meta.img_size),
         mean=tuple(meta.mean), std=tuple(meta.std), class_names=names, dataset=meta.dataset, path=entry.path,
         metrics=meta.metrics, extra=meta.extra, train_config=meta.train_config, ood=getattr(meta, "ood", None),
+        curves=tuple(meta.curves),
+        confusion_matrix=None if meta.confusion_matrix is None else tuple(tuple(r) for r in meta.confusion_matrix),
+        num_params=meta.num_params, train_time_s=meta.train_time_s,
     )
 
 
@@ -260,10 +268,10 @@ def metrics_rows(infos: Iterable[ModelInfo]) -> list[dict[str, Any]]:
                            ("macro_recall", "Macro recall %"), ("macro_f1", "Macro F1 %")):
             v = metric(info, key)
             row[title] = None if v is None else round(100 * v, 2)
-        params = _metric(info.extra, "num_params") or _metric(info.metrics, "num_params")
+        params = info.num_params
         row["Parameters"] = None if params is None else (f"{params / 1e6:.2f} M" if params >= 1e5
                                                          else f"{int(params):,}")
-        secs = _metric(info.metrics, "train_time_s") or _metric(info.extra, "train_time_s")
+        secs = info.train_time_s
         row["Train time"] = None if secs is None else f"{secs:.0f} s"
         rows.append(row)
     return rows
@@ -287,19 +295,8 @@ def accuracy_rows(infos: Iterable[ModelInfo]) -> list[dict[str, Any]]:
 
 
 def curves_of(info: ModelInfo) -> list[dict[str, Any]]:
-    """Per-epoch log rows stored with a checkpoint (``extra['curves']``, as ``vitviz train`` writes them)."""
-    for holder in (info.extra or {}, info.metrics or {}):
-        curves = holder.get("curves") if isinstance(holder, Mapping) else None
-        if isinstance(curves, Sequence) and curves and all(isinstance(r, Mapping) for r in curves):
-            return [dict(r) for r in curves]
-        if isinstance(curves, Mapping) and curves:  # columns {metric: [values]} -> rows
-            cols = {k: list(v) for k, v in curves.items() if isinstance(v, (list, tuple))}
-            n = max((len(v) for v in cols.values()), default=0)
-            rows = [{k: v[i] for k, v in cols.items() if i < len(v)} for i in range(n)]
-            for i, r in enumerate(rows):
-                r.setdefault("epoch", i + 1)
-            return rows
-    return []
+    """Per-epoch log rows stored with a checkpoint (``CheckpointMeta.curves``)."""
+    return [dict(r) for r in info.curves]
 
 
 def curve_metrics(curves: Iterable[Sequence[Mapping[str, Any]]]) -> list[str]:
@@ -316,13 +313,8 @@ def curve_metrics(curves: Iterable[Sequence[Mapping[str, Any]]]) -> list[str]:
 
 
 def confusion_of(info: ModelInfo) -> list[list[int]] | None:
-    """The test confusion matrix stored with a checkpoint, if any."""
-    for holder, key in ((info.extra, "test_confusion_matrix"), (info.metrics, "test_confusion_matrix"),
-                        (info.metrics, "confusion_matrix"), (info.extra, "confusion_matrix")):
-        cm = holder.get(key) if isinstance(holder, Mapping) else None
-        if isinstance(cm, Sequence) and cm and all(isinstance(r, Sequence) for r in cm):
-            return [list(r) for r in cm]
-    return None
+    """The test confusion matrix stored with a checkpoint (``CheckpointMeta.confusion_matrix``), if any."""
+    return None if info.confusion_matrix is None else [list(r) for r in info.confusion_matrix]
 
 
 def read_results(folder: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:

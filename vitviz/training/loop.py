@@ -303,8 +303,8 @@ class _Run:
 
     def _extra(self) -> dict[str, Any]:
         return {"curves": self.state.history, "train_time_s": round(self.state.train_time_s, 3),
-                "cpu_time_s": round(self.state.cpu_time_s, 3),
-                "num_params": self.num_params, "epochs_done": self.state.epoch}
+                "cpu_time_s": round(self.state.cpu_time_s, 3), "num_params": self.num_params,
+                "epochs_done": self.state.epoch}
 
     def _save(self, name: str, model: nn.Module, metrics: dict[str, Any], **extra: Any) -> None:
         save_checkpoint(model, self.out / name, metrics=metrics, **self._ckpt_kwargs(), **self._extra(), **extra)
@@ -483,7 +483,7 @@ class _Run:
         ood = calibrate_ood(best_model, self.data.train.images, self.data.val.images, mean=self.data.mean,
                             std=self.data.std, batch_size=self.config.eval_batch_size) if len(self.data.val) else None
         self._save(BEST, best_model, metrics, ood=ood, test_per_class=test["per_class"],
-                   test_confusion_matrix=test["confusion_matrix"])
+                   confusion_matrix=test["confusion_matrix"])
         summary = {"model": self.config.model, "family": self.family, "dataset": self.data.name,
                    "num_params": self.num_params, "num_train": len(self.data.train), "best_epoch": metrics.get("epoch"),
                    "metrics": metrics,
