@@ -156,7 +156,7 @@ def test_explore_upload_click_and_screenshot(server, page, shots):
 def test_model_choice_follows_to_other_pages(server, page):
     open_page(page, server.url, ".st-key-overlay")
     page.locator(".st-key-ckpt_Shipped").click()
-    option = page.get_by_role("option").filter(has_text=re.compile("Hybrid"))
+    option = page.get_by_role("option").filter(has_text=re.compile("hybrid_shapes"))
     option.first.click()
     wait_done(page, TIMEOUT_MS)
     page.get_by_role("link", name="Embeddings").click()
