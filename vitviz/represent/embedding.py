@@ -39,7 +39,8 @@ def embed_2d(features: torch.Tensor | np.ndarray, method: str = "tsne", *, seed:
         return TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(x)
     if method == "umap":
         if not umap_available():
-            raise ConfigError("method='umap' needs umap-learn: pip install umap-learn (or use method='tsne').")
+            raise ConfigError("method='umap' needs umap-learn: pip install -e \".[umap]\" (or pip install umap-learn), "
+                              "or use method='tsne'.")
         import umap
 
         return umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, x.shape[0] - 1)).fit_transform(x)
