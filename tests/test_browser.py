@@ -178,3 +178,28 @@ def test_compare_screenshot(server, page, shots):
     screenshot_page(page, shots / "compare.png")
     shot = np.asarray(Image.open(shots / "compare.png"))
     assert shot.shape[0] > 1500 and shot.std() > 10  # a long, non-blank page
+
+
+def test_clicking_a_point_of_the_embedding_map_shows_that_image_and_its_explanation(server, page):
+    page.goto(f"{server.url}/representations")
+    page.wait_for_selector(".st-key-rep_map .js-plotly-plot")
+    wait_done(page, TIMEOUT_MS)
+    no_exceptions(page)
+    page.locator(".st-key-rep_map").scroll_into_view_if_needed()
+    # the first point of the first trace, and the test image it stands for (its hover text)
+    px, py, name = page.evaluate("""() => {
+        const gd = document.querySelector('.st-key-rep_map .js-plotly-plot');
+        const t = gd._fullData.find(d => d.x && d.x.length);
+        return [t.x[0], t.y[0], t.text[0]];
+    }""")
+    x, y = plot_point(page, ".st-key-rep_map", px, py)
+    page.mouse.move(x, y)
+    page.wait_for_timeout(300)  # plotly picks the point under the pointer on hover
+    page.mouse.click(x, y)
+    caption = page.get_by_text(re.compile(r"^test #\d+: ")).first
+    caption.wait_for()
+    wait_done(page, TIMEOUT_MS)
+    no_exceptions(page)
+    assert name.startswith("test #")  # each point's hover text names its test image ...
+    assert caption.inner_text().startswith(f"{name}: ")  # ... and the image shown is the one clicked
+    assert page.get_by_text(re.compile(r": predicts ")).count() >= 1  # beside it, its explanation
