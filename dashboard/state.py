@@ -273,7 +273,9 @@ def _decode(digest: str, _data: bytes, name: str) -> Picture:
     from vitviz.images import open_image
 
     img = open_image(_data)  # InvalidImageError for anything that is not a good image (not cached)
-    return Picture(f"upload:{digest}", name, _frozen(np.asarray(img)))
+    picture = Picture(f"upload:{digest}", name, _frozen(np.asarray(img)))
+    picture.__dict__["pil"] = img  # the decoded image itself: resizing for a model starts from it, not a copy
+    return picture
 
 
 def decode_upload(data: bytes, name: str) -> Picture:
@@ -335,7 +337,7 @@ class Subject:
     def x(self):
         from vitviz.images import preprocess
 
-        return preprocess(self.fitted, self.info).to(self.loaded.device)  # (1, 3, S, S)
+        return preprocess(self.fitted_array, self.info).to(self.loaded.device)  # (1, 3, S, S), no trip through PIL
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -50,7 +50,7 @@ def _checkpoint_folder(tmp_path_factory) -> Path:
     shipped = ROOT / "checkpoints"
     if any(e.usable for e in scan_checkpoints(shipped)):
         return shipped
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     folder = tmp_path_factory.mktemp("demo_ckpts")
     write_demo_checkpoints(folder)

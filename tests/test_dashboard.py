@@ -37,7 +37,7 @@ TIMEOUT = 180  # seconds per script run: the first imports torch on a slow, shar
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     ckpts = tmp_path_factory.mktemp("ckpts")
     write_demo_checkpoints(ckpts)

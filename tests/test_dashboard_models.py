@@ -24,8 +24,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     import transformers as T
-
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     ckpts = tmp_path_factory.mktemp("ckpts")
     write_demo_checkpoints(ckpts)

@@ -30,7 +30,7 @@ FAMILIES = ("vit", "hybrid", "resnet", "hierarchical", "cnn")
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     ckpts = tmp_path_factory.mktemp("ckpts")
     write_demo_checkpoints(ckpts)

@@ -21,7 +21,7 @@ TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     ckpts = tmp_path_factory.mktemp("ckpts")
     write_demo_checkpoints(ckpts)

@@ -3,7 +3,7 @@
 The out-of-distribution warning (Explore) and caveat (Compare's trust scores), the Method box after
 a model that could not load, an upload that survives a visit to another page, Compare opening on the
 sidebar model's dataset, and captions that describe the plotted numbers. Tiny untrained checkpoints
-(``dashboard.demo``) stand in for the shipped ones; the digits ones get an OOD calibration on the
+(``tests/demo_checkpoints.py``) stand in for the shipped ones; the digits ones get an OOD calibration on the
 digits set, which is grayscale, so a colour photo is out of distribution for them.
 """
 
@@ -33,7 +33,8 @@ TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
+
     from vitviz.checkpoint import load_checkpoint, update_checkpoint_meta
     from vitviz.data import load_dataset
     from vitviz.ood import calibrate

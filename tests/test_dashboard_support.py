@@ -21,7 +21,7 @@ from vitviz.images import fit_image  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    from dashboard.demo import write_demo_checkpoints
+    from demo_checkpoints import write_demo_checkpoints
 
     folder = tmp_path_factory.mktemp("ckpts")
     write_demo_checkpoints(folder)

@@ -455,3 +455,15 @@ def test_preprocess_bad_inputs():
         preprocess(img, 8, mean=(0.5, 0.5))
     with pytest.raises(InvalidImageError, match="positive"):
         preprocess(img, 8, std=(0.5, 0.0, 0.5))
+
+
+def test_preprocess_takes_an_already_fitted_array_without_a_trip_through_pil(monkeypatch):
+    import vitviz.images as images
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    expected = images.preprocess(Image.fromarray(arr), 16)
+    monkeypatch.setattr(images, "fit_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("resized")))
+    torch.testing.assert_close(images.preprocess(arr, 16), expected)
+    batch = np.stack([arr, arr[::-1].copy()])
+    assert images.preprocess(batch, 16).shape == (2, 3, 16, 16)

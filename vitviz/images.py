@@ -360,7 +360,10 @@ def preprocess(
     if bool((std_t <= 0).any()):
         raise InvalidImageError(f"std must be positive in every channel, got {std_t.tolist()}.")
 
-    fitted = [np.asarray(fit_image(im, size)) for im in _as_pil_list(images)]
+    if _already_fitted(images, size):  # uint8 RGB at the model's size: no trip through PIL
+        fitted = [images] if images.ndim == 3 else list(images)
+    else:
+        fitted = [np.asarray(fit_image(im, size)) for im in _as_pil_list(images)]
     batch = torch.from_numpy(np.stack(fitted)).permute(0, 3, 1, 2).float().div_(255.0)  # (B,3,S,S)
     return batch.sub_(mean_t.view(1, 3, 1, 1)).div_(std_t.view(1, 3, 1, 1))
 
@@ -370,6 +373,12 @@ def _channel_stats(name: str, value: Sequence[float] | None, default: tuple[floa
     if len(values) != 3:
         raise InvalidImageError(f"{name} needs one value per RGB channel (3), got {list(values)}.")
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _already_fitted(images: Any, size: int) -> bool:
+    """Whether ``images`` is one (S, S, 3) or a batch (B, S, S, 3) of uint8 RGB at side ``size``."""
+    return (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (3, 4)
+            and images.shape[-3:] == (size, size, 3))
 
 
 def _as_pil_list(images: Any) -> list[Image.Image]:

@@ -1,8 +1,9 @@
-"""Tiny, untrained checkpoints of the three families for tests and benchmarks (seconds to write).
+"""Tiny, untrained checkpoints of the three families for the dashboard's tests (seconds to write).
 
-``python -m dashboard.demo FOLDER`` writes ``{vit,hybrid,resnet}_shapes.safetensors`` there, with
-made-up metrics and curves (marked ``demo`` in their metadata) so every page has something to draw.
-The shipped checkpoints in ``checkpoints/`` are the real, trained ones.
+``write_demo_checkpoints(folder)`` writes ``{vit,hybrid,resnet}_shapes.safetensors`` there, with
+made-up metrics and curves (marked ``demo`` in their metadata) so every page has something to draw;
+``python tests/demo_checkpoints.py FOLDER`` does the same from a shell. The shipped checkpoints in
+``checkpoints/`` are the real, trained ones.
 """
 
 from __future__ import annotations
