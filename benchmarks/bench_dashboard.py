@@ -145,7 +145,7 @@ def photo(i: int) -> bytes:
     """A distinct 512x384 JPEG per repeat (a crop of scikit-learn's bundled photos): never cached."""
     from PIL import Image
 
-    from vitviz.dashboard_support import sklearn_image_dir
+    from vitviz.data.samples import sklearn_image_dir
 
     src = Image.open(sklearn_image_dir() / ("china.jpg" if i % 2 == 0 else "flower.jpg")).convert("RGB")
     box = (8 * i, 4 * i, 8 * i + 600, 4 * i + 420)

@@ -144,7 +144,7 @@ def seen_by_model(png: bytes, size: int) -> np.ndarray:
 
 def shipped_models(folder: Path) -> list[tuple[str, int]]:
     """(file stem, input size) of every usable checkpoint in ``folder``, in the sidebar's order."""
-    from vitviz.dashboard_support import scan_checkpoints
+    from dashboard.support import scan_checkpoints
 
     return [(Path(e.path).stem, int(e.meta.img_size)) for e in scan_checkpoints(folder) if e.usable]
 

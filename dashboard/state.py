@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 from vitviz.arrays import to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -424,10 +424,15 @@ def attention_distance(model_key: str, n_images: int, _loaded: Loaded) -> np.nda
 # comparison (Compare page)
 
 
-@st.cache_data(show_spinner=False, ttl=60)
 def results(kind: str | None = None) -> list[dict]:
     """``vitviz compare`` summaries in the results folder (re-read at most once a minute)."""
-    return ds.read_results(results_dir(), kind)
+    return _results(str(results_dir()), kind)
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def _results(folder: str, kind: str | None) -> list[dict]:
+    # keyed by the folder too: another $VITVIZ_RESULTS must not be served this one's summaries
+    return ds.read_results(folder, kind)
 
 
 def methods(loaded: Loaded, saliency_only: bool = False) -> list[str]:

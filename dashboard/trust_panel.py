@@ -13,7 +13,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import state, ui
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 
 COLUMNS = {"deletion AUC ↓": "Deletion AUC ↓", "insertion AUC ↑": "Insertion AUC ↑", "ROAD AUC ↓": "ROAD AUC ↓",
            "pointing game ↑": "Pointing game ↑", "mask IoU ↑": "Mask IoU ↑", "sanity ρ ↓": "Sanity ρ ↓",

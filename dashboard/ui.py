@@ -13,7 +13,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import state
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 from vitviz.errors import VitvizError, WeightsUnavailableError
 
 log = logging.getLogger("vitviz.dashboard")

@@ -8,7 +8,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import state
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 
 
 def layer_slider(label: str, depth: int, default: int, key: str, help: str | None = None) -> int:

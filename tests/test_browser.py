@@ -45,7 +45,7 @@ TIMEOUT_MS = 180_000  # first page loads import torch and load models on a slow,
 
 
 def _checkpoint_folder(tmp_path_factory) -> Path:
-    from vitviz.dashboard_support import scan_checkpoints
+    from dashboard.support import scan_checkpoints
 
     shipped = ROOT / "checkpoints"
     if any(e.usable for e in scan_checkpoints(shipped)):

@@ -104,7 +104,7 @@ def chart_keys(at: AppTest) -> set[str]:
 
 
 def checkpoint_key(folder: Path, stem: str) -> str:
-    from vitviz.dashboard_support import scan_checkpoints
+    from dashboard.support import scan_checkpoints
 
     return next(e.key for e in scan_checkpoints(folder) if Path(e.path).stem == stem)
 

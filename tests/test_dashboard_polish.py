@@ -107,7 +107,7 @@ def test_two_models_of_one_family_share_its_colour_and_differ_by_dash():
 
 
 def test_compare_page_colours_every_chart_and_badge_by_family(folder):
-    from vitviz.dashboard_support import scan_checkpoints
+    from dashboard.support import scan_checkpoints
 
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.run()

@@ -80,7 +80,7 @@ def warnings(at: AppTest) -> list[str]:
 
 
 def pick_model(at: AppTest, folder: Path, stem: str) -> None:
-    from vitviz.dashboard_support import scan_checkpoints
+    from dashboard.support import scan_checkpoints
 
     key = next(e.key for e in scan_checkpoints(folder) if Path(e.path).stem == stem)
     at.sidebar.selectbox(key="ckpt_Shipped").set_value(key).run()

@@ -1,4 +1,4 @@
-"""The dashboard's plain-Python glue (vitviz.dashboard_support): no Streamlit, no browser."""
+"""The dashboard's plain-Python glue (dashboard.support): no Streamlit, no browser."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
     sys.path.insert(0, str(ROOT))
 
-from vitviz import dashboard_support as ds  # noqa: E402
+from dashboard import support as ds  # noqa: E402
 from vitviz.images import fit_image  # noqa: E402
 
 

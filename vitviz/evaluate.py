@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,3 +137,20 @@ def evaluate_checkpoint(
     report = evaluate(model, part, mean=meta.mean, std=meta.std, class_names=data.class_names,
                       batch_size=batch_size, device=dev)
     return {"checkpoint": str(path), "dataset": name, "split": split, **report}
+
+
+def predict_proba(model: Any, x: Any) -> np.ndarray:
+    """Class probabilities (B, classes) of a batch, as float64 numpy (softmax of the logits)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+
+def topk(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float, int]]:
+    """The ``k`` most probable classes of one probability vector: (name, probability, index), best first."""
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    k = max(1, min(int(k), p.size))
+    idx = np.argsort(-p, kind="stable")[:k]
+    return [(class_names[i] if i < len(class_names) else f"class {i}", float(p[i]), int(i)) for i in idx]

@@ -423,3 +423,25 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     raise InvalidImageError(
         f"image arrays must be (H, W), (H, W, 3), (H, W, 4) or a batch (B, H, W, 3); got shape {arr.shape}."
     )
+
+
+def fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Crop and resize a bool mask exactly as :func:`vitviz.images.fit_image` does its image.
+
+    The centred square is resampled bilinearly and kept where at least half covered, as
+    ``vitviz.data`` resizes masks, so the mask lines up with the pixels the model sees.
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    h, w = m.shape
+    side = min(w, h)
+    left, top = (w - side) / 2.0, (h - side) / 2.0
+    img = Image.fromarray(m, mode="F")
+    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    return np.asarray(out) >= 0.5
+
+
+def nearest_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, C) -> (H, W, C) by repeating cells (nearest neighbour), so each cell stays a crisp square."""
+    rows = np.minimum((np.arange(size[0]) * image.shape[0]) // size[0], image.shape[0] - 1)
+    cols = np.minimum((np.arange(size[1]) * image.shape[1]) // size[1], image.shape[1] - 1)
+    return image[rows][:, cols]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, trust_panel, ui
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 
 
 def scores_section(infos: list[ds.ModelInfo]) -> None:

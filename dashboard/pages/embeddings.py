@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, ui
+from dashboard import support as ds
 from dashboard.captions import attention_distance_caption, position_similarity_caption
-from vitviz import dashboard_support as ds
 
 
 @ui.fragment("the patch filters")

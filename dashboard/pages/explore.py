@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, trust_panel, ui
+from dashboard import support as ds
 from dashboard.widgets import explanation_controls, head_label, layer_slider, patch_picker_figure, picked_patch
-from vitviz import dashboard_support as ds
 from vitviz.errors import InvalidImageError
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]

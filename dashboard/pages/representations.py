@@ -12,7 +12,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import state, ui
-from vitviz import dashboard_support as ds
+from dashboard import support as ds
 
 DATASETS = ("shapes", "digits")  # the datasets vitviz makes without a download
 

@@ -212,7 +212,7 @@ def _write_gallery(subjects: list[Subject], data: Data, readouts: dict[str, Any]
 
 
 def _overlay(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
-    from vitviz.dashboard_support import nearest_resize
+    from vitviz.images import nearest_resize
 
     sal = nearest_resize(saliency, image.shape[:2]) if saliency.shape != image.shape[:2] else saliency
     heat = np.stack([sal, np.zeros_like(sal), 1.0 - sal], axis=-1) * 255.0  # red = salient, blue = not

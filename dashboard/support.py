@@ -3,8 +3,11 @@
 The dashboard's pages read widgets, call these helpers and the package, and render figures. What
 lives here is bookkeeping the pages would otherwise repeat: finding checkpoints in a folder (and
 saying why a file is unusable), describing a model in one line, turning metrics into table rows,
-bundled sample images, the patch grid a click on the image maps to, and the bytes of downloads.
-Nothing here imports Streamlit, so all of it is testable without a browser.
+the patch grid a click on the image maps to, and the bytes of downloads. Nothing here imports
+Streamlit, so all of it is testable without a browser (``tests/test_dashboard_support.py``).
+
+The bundled samples (:mod:`vitviz.data.samples`), ``fit_mask`` (:mod:`vitviz.images`) and the
+prediction helpers (:mod:`vitviz.evaluate`) live in the package; the pages reach them through here.
 """
 
 from __future__ import annotations
@@ -22,7 +25,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vitviz.data.samples import (  # noqa: F401  (the pages' one import for the samples they offer)
+    PHOTOS,
+    Sample,
+    dataset_images,
+    dataset_samples,
+    default_sample,
+    load_sample,
+    sample_kind,
+    sample_names,
+    sklearn_image_dir,
+)
 from vitviz.errors import VitvizError
+from vitviz.evaluate import predict_proba, topk  # noqa: F401
+from vitviz.images import fit_mask, nearest_resize  # noqa: F401
 
 __all__ = [
     "FAMILY_LABELS",
@@ -374,13 +390,6 @@ def faithfulness_row(model: str, family: str, method: str, result: Mapping[str, 
 # predictions
 
 
-def nearest_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, C) -> (H, W, C) by repeating cells (nearest neighbour), so each cell stays a crisp square."""
-    rows = np.minimum((np.arange(size[0]) * image.shape[0]) // size[0], image.shape[0] - 1)
-    cols = np.minimum((np.arange(size[1]) * image.shape[1]) // size[1], image.shape[1] - 1)
-    return image[rows][:, cols]
-
-
 def attention_depth(model: Any) -> int | None:
     """How many attention layers a model's adapter records (None for models without recordable attention)."""
     from vitviz.errors import VitvizError
@@ -406,160 +415,6 @@ def transformer_dims(model: Any) -> tuple[int, int] | None:
         return None
     depth, heads = adapter.depth(), adapter.heads()
     return (int(depth), int(heads)) if depth and heads else None
-
-
-def predict_proba(model: Any, x: Any) -> np.ndarray:
-    """Class probabilities (B, classes) of a batch, as float64 numpy (softmax of the logits)."""
-    import torch
-
-    with torch.inference_mode():
-        logits = model(x)
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float64)
-
-
-def topk(probs: np.ndarray, class_names: Sequence[str], k: int = 5) -> list[tuple[str, float, int]]:
-    """The ``k`` most probable classes of one probability vector: (name, probability, index), best first."""
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    k = max(1, min(int(k), p.size))
-    idx = np.argsort(-p, kind="stable")[:k]
-    return [(class_names[i] if i < len(class_names) else f"class {i}", float(p[i]), int(i)) for i in idx]
-
-
-# --------------------------------------------------------------------------------------------------
-# sample images that ship with vitviz and scikit-learn (no network)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A bundled image: uint8 RGB pixels, the object mask for shapes scenes, and its true label."""
-
-    name: str
-    kind: str  # "shapes" | "digits" | "photo"
-    image: np.ndarray = field(compare=False, hash=False)  # (H, W, 3) uint8
-    mask: np.ndarray | None = field(default=None, compare=False, hash=False)  # (H, W) bool
-    label: str | None = None
-
-
-SHAPES_SAMPLE_SEED = 20_250_101  # not a training seed: scenes no model was trained on
-SHAPES_SAMPLE_SIZE = 64
-DIGIT_SAMPLE_SIZE = 32
-PHOTOS = ("china.jpg", "flower.jpg")
-
-
-def sample_names() -> list[str]:
-    """Names of the bundled samples, shapes first (they carry masks), then digits, then photos."""
-    from vitviz.data.shapes import SHAPE_CLASSES
-
-    return (
-        [f"shapes · {c}" for c in SHAPE_CLASSES]
-        + [f"digits · {d}" for d in range(10)]
-        + [f"photo · {Path(p).stem}" for p in PHOTOS]
-    )
-
-
-def default_sample(dataset: str | None) -> str:
-    """The sample that suits a model trained on ``dataset`` (a shapes scene unless it knows digits or photos)."""
-    if dataset and "digit" in str(dataset).lower():
-        return "digits · 3"
-    if dataset and str(dataset).lower() in ("imagenet", "photo", "photos"):
-        return "photo · flower"
-    return "shapes · star"
-
-
-def sample_kind(name: str) -> str:
-    return name.split(" · ", 1)[0]
-
-
-def load_sample(name: str) -> Sample:
-    """Render or read one bundled sample by name (see :func:`sample_names`)."""
-    kind, _, what = name.partition(" · ")
-    if kind == "shapes":
-        from vitviz.data.shapes import SHAPE_CLASSES, make_shapes
-
-        if what not in SHAPE_CLASSES:
-            raise KeyError(name)
-        cls = SHAPE_CLASSES.index(what)
-        images, labels, masks = make_shapes(2 * len(SHAPE_CLASSES), seed=SHAPES_SAMPLE_SEED,
-                                            img_size=SHAPES_SAMPLE_SIZE)
-        i = int(np.flatnonzero(labels == cls)[0])
-        return Sample(name, kind, images[i], masks[i], what)
-    if kind == "digits":
-        digit = int(what)
-        images, labels = _digit_test_images()
-        i = int(np.flatnonzero(labels == digit)[0])
-        gray = Image.fromarray(images[i]).resize((DIGIT_SAMPLE_SIZE, DIGIT_SAMPLE_SIZE), Image.Resampling.BILINEAR)
-        return Sample(name, kind, np.asarray(gray.convert("RGB")), None, what)
-    if kind == "photo":
-        from vitviz.images import open_image
-
-        path = sklearn_image_dir() / f"{what}.jpg"
-        return Sample(name, kind, np.asarray(open_image(path)), None, None)
-    raise KeyError(name)
-
-
-def dataset_images(dataset: str | None, n: int) -> list[np.ndarray]:
-    """``n`` bundled uint8 RGB images like a model's training data (shapes scenes, digits, else a mix)."""
-    kind = str(dataset or "").lower()
-    if "digit" in kind:
-        images, _ = _digit_test_images()
-        return [np.asarray(Image.fromarray(images[i % len(images)]).resize(
-            (DIGIT_SAMPLE_SIZE, DIGIT_SAMPLE_SIZE), Image.Resampling.BILINEAR).convert("RGB")) for i in range(n)]
-    from vitviz.data.shapes import make_shapes
-
-    scenes = list(make_shapes(n, seed=SHAPES_SAMPLE_SEED, img_size=SHAPES_SAMPLE_SIZE)[0])
-    if "shape" in kind or n < 4:
-        return scenes
-    photos = [load_sample(f"photo · {Path(p).stem}").image for p in PHOTOS]
-    return (photos + scenes)[:n]
-
-
-def dataset_samples(dataset: str | None) -> list[str]:
-    """Sample names that suit a model trained on ``dataset`` (all of them when it is unknown)."""
-    names = sample_names()
-    kind = str(dataset or "").lower()
-    for key in ("shapes", "digits"):
-        if key in kind:
-            return [n for n in names if sample_kind(n) == key]
-    return names
-
-
-def _digit_test_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits of vitviz's fixed test split (8x8 uint8, ink bright) and their labels."""
-    from sklearn.datasets import load_digits
-
-    from vitviz.data.datasets import SPLIT_SEED, TRAIN_VAL_TEST
-    from vitviz.data.splits import stratified_partition
-
-    bunch = load_digits()
-    labels = bunch.target.astype(np.int64)
-    test = stratified_partition(labels, TRAIN_VAL_TEST, SPLIT_SEED)[2]
-    gray = np.rint(bunch.images[test] * (255.0 / 16.0)).astype(np.uint8)
-    return gray, labels[test]
-
-
-def sklearn_image_dir() -> Path:
-    """Folder of scikit-learn's bundled sample photos, found without importing scikit-learn (slow)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-learn is not installed; its sample photos are unavailable.")
-    return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images"
-
-
-def fit_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Crop and resize a bool mask exactly as :func:`vitviz.images.fit_image` does its image.
-
-    The centred square is resampled bilinearly and kept where at least half covered, as
-    ``vitviz.data`` resizes masks, so the mask lines up with the pixels the model sees.
-    """
-    m = np.asarray(mask, dtype=np.float32)
-    h, w = m.shape
-    side = min(w, h)
-    left, top = (w - side) / 2.0, (h - side) / 2.0
-    img = Image.fromarray(m, mode="F")
-    out = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-    return np.asarray(out) >= 0.5
 
 
 # --------------------------------------------------------------------------------------------------
