@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dashboard.harness import StreamlitServer, launch_chromium, screenshot_page, wait_done  # noqa: E402
-from vitviz.dashboard_support import read_results  # noqa: E402
+from dashboard.support import read_results  # noqa: E402
 from vitviz.plots import accuracy_bars, data_efficiency_lines  # noqa: E402
 
 
