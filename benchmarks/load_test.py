@@ -16,7 +16,7 @@ Meanwhile the RSS of the server's process tree is sampled every 0.25 s. At the e
 ``/_stcore/metrics`` gives the bytes each cache holds, and the script reports the peak RSS against
 the RSS after the first page load, with the caches' ``max_entries`` limits (``dashboard/state.py``).
 
-    python benchmarks/load_test.py [--sessions 4] [--images 10] [--checkpoints DIR] [--json out.json]
+    python benchmarks/load_test.py [--sessions S] [--images N] [--checkpoints DIR] [--json out.json]  # S=4, N=10
 
 Exits 1 when any upload failed a check.
 """
