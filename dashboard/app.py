@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard/, not the root, on the path
     sys.path.insert(0, str(ROOT))
 
+# Every session's script thread passes pandas' import lock here, before any page draws a figure: plotly
+# looks pandas up in sys.modules without that lock, so two sessions opening at once could otherwise see it
+# half-imported ("partially initialized module 'pandas'"; benchmarks/load_test.py found it).
+import pandas  # noqa: E402, F401
 import streamlit as st  # noqa: E402
 
 from vitviz.runtime import tune_allocator  # noqa: E402
