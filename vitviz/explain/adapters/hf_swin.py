@@ -24,7 +24,6 @@ from vitviz.errors import ExplainError
 from vitviz.explain.adapters import register
 from vitviz.explain.adapters.base import (
     Adapter,
-    AttentionRecord,
     CamForward,
     Layer,
     Recording,
@@ -35,7 +34,7 @@ from vitviz.explain.adapters.base import (
     readout_vector,
 )
 from vitviz.explain.adapters.hf_common import eager_recorder, is_hf
-from vitviz.explain.adapters.timm_swin import stage_refusal, window_densify, window_index
+from vitviz.explain.adapters.timm_swin import stage_refusal, window_record
 
 
 def _pair(v: object) -> tuple[int, int]:
@@ -117,16 +116,8 @@ class HFSwin(Adapter):
             name, blk, stage, index = by_attn[id(module)]
             grid = grids[id(module)]
             window, shift = _pair(blk.window_size), _pair(blk.shift_size)  # as the block used them in this call
-            if weights.shape[-1] != window[0] * window[1]:
-                raise ExplainError(f"{name}: attention over {weights.shape[-1]} tokens, expected windows of "
-                                   f"{window[0]}x{window[1]}.")
-            key = (grid, window, shift)
-            if key not in layouts:
-                layouts[key] = window_densify(window_index(grid, window, shift), grid[0] * grid[1])
-            tokens = Tokens(prefix=0, grid=grid, cell=stages[stage].cell)
-            rec.records.append(AttentionRecord(weights=reduce(weights) if reduce else weights, queries=tokens,
-                                               keys=tokens, name=f"{name}.attention", block=index, stage=stage,
-                                               densify=layouts[key]))
+            rec.records.append(window_record(weights, f"{name}.attention", grid, window, shift,
+                                             stages[stage].cell, index, stage, layouts, reduce))
 
         handles = []
         try:

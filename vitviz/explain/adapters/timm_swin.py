@@ -120,6 +120,25 @@ def window_densify(index: torch.Tensor, n: int) -> Callable[[torch.Tensor], torc
     return densify
 
 
+def window_record(weights: torch.Tensor, name: str, grid: tuple[int, int], window: tuple[int, int],
+                  shift: tuple[int, int], cell: tuple[int, int], block: int, stage: int,
+                  layouts: dict[tuple, Callable[[torch.Tensor], torch.Tensor]],
+                  reduce: Reduce | None) -> AttentionRecord:
+    """One shifted-window attention call (B * windows, heads, Nw, Nw) as a record on its stage's whole grid.
+
+    ``layouts`` caches one densify per (grid, window, shift) for the recording it belongs to.
+    """
+    if weights.shape[-1] != window[0] * window[1]:
+        raise ExplainError(f"{name}: attention over {weights.shape[-1]} tokens, expected windows of "
+                           f"{window[0]}x{window[1]}.")
+    key = (grid, window, shift)
+    if key not in layouts:
+        layouts[key] = window_densify(window_index(grid, window, shift), grid[0] * grid[1])
+    tokens = Tokens(prefix=0, grid=grid, cell=cell)
+    return AttentionRecord(weights=reduce(weights) if reduce else weights, queries=tokens, keys=tokens, name=name,
+                           block=block, stage=stage, densify=layouts[key])
+
+
 # --- Swin ---------------------------------------------------------------------------------------------
 
 @register
@@ -217,17 +236,8 @@ class TimmSwin(Adapter):
             grid = grids[id(module)]
             window = tuple(int(v) for v in blk.window_size)
             shift = tuple(int(v) for v in blk.shift_size)
-            if weights.shape[-1] != window[0] * window[1]:
-                raise ExplainError(f"{name}: attention over {weights.shape[-1]} tokens, expected windows of "
-                                   f"{window[0]}x{window[1]}.")
-            key = (grid, window, shift)
-            if key not in layouts:
-                layouts[key] = window_densify(window_index(grid, window, shift), grid[0] * grid[1])
-            cell = stages[stage].cell
-            tokens = Tokens(prefix=0, grid=grid, cell=cell)
-            rec.records.append(AttentionRecord(weights=reduce(weights) if reduce else weights, queries=tokens,
-                                               keys=tokens, name=f"{name}.attn", block=index, stage=stage,
-                                               densify=layouts[key]))
+            rec.records.append(window_record(weights, f"{name}.attn", grid, window, shift, stages[stage].cell,
+                                             index, stage, layouts, reduce))
 
         handles = []
         try:
