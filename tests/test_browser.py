@@ -186,17 +186,25 @@ def test_clicking_a_point_of_the_embedding_map_shows_that_image_and_its_explanat
     wait_done(page, TIMEOUT_MS)
     no_exceptions(page)
     page.locator(".st-key-rep_map").scroll_into_view_if_needed()
-    # the first point of the first trace, and the test image it stands for (its hover text)
+    # the point farthest (in screen pixels) from every other, so that the click cannot land
+    # on a neighbour, and the test image it stands for (its hover text)
     px, py, name = page.evaluate("""() => {
         const gd = document.querySelector('.st-key-rep_map .js-plotly-plot');
-        const t = gd._fullData.find(d => d.x && d.x.length);
-        return [t.x[0], t.y[0], t.text[0]];
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+        const pts = gd._fullData.filter(d => d.x && d.x.length).flatMap(
+            d => Array.from(d.x, (x, i) => [xa.l2p(x), ya.l2p(d.y[i]), x, d.y[i], d.text[i]]));  // x may be typed
+        let best = pts[0], gap = -1;
+        for (const p of pts) {
+            const g = Math.min(...pts.filter(q => q !== p).map(q => Math.hypot(p[0] - q[0], p[1] - q[1])));
+            if (g > gap) { gap = g; best = p; }
+        }
+        return [best[2], best[3], best[4]];
     }""")
     x, y = plot_point(page, ".st-key-rep_map", px, py)
     page.mouse.move(x, y)
     page.wait_for_timeout(300)  # plotly picks the point under the pointer on hover
     page.mouse.click(x, y)
-    caption = page.get_by_text(re.compile(r"^test #\d+: ")).first
+    caption = page.locator(".st-key-rep_picked").get_by_text(re.compile(r"^test #\d+: ")).first
     caption.wait_for()
     wait_done(page, TIMEOUT_MS)
     no_exceptions(page)

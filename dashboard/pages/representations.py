@@ -193,7 +193,8 @@ def embedding_section(a: state.Loaded, data: dict, dataset: str, n: int) -> None
         index = int(points[0].get("customdata", points[0].get("point_index", 0)))
         if isinstance(points[0].get("customdata"), list):
             index = int(points[0]["customdata"][0])
-        show_image(a, dataset, index)
+        with st.container(key="rep_picked"):  # the clicked image: its own container, apart from the gallery's
+            show_image(a, dataset, index)
     else:
         st.caption("Hover a point to see which test image it is; click it to see the image and its explanation.")
 
