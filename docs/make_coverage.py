@@ -20,8 +20,9 @@ from vitviz.coverage import CHECKS, COVERAGE_MODELS, build, check, conversion, i
 from vitviz.explain import adapter_for  # noqa: E402
 
 HEADINGS = {"attention": "attention", "rollout": "rollout", "grad-rollout": "grad-rollout", "chefer": "Chefer",
-            "gradcam": "Grad-CAM", "similarity": "similarity", "filters": "patch filters",
-            "positions": "position sim.", "distance": "attn. distance", "pca": "feature PCA"}
+            "gradcam": "Grad-CAM", "similarity": "similarity", "legrad": "LeGrad", "attnlrp": "AttnLRP",
+            "filters": "patch filters", "positions": "position sim.", "distance": "attn. distance",
+            "pca": "feature PCA"}
 
 
 def _general(reason: str, model: object) -> str:

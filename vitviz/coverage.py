@@ -108,7 +108,7 @@ COVERAGE_MODELS: tuple[CoverageModel, ...] = (
         source="open_clip"),
 )
 
-METHOD_CHECKS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity")
+METHOD_CHECKS = ("attention", "rollout", "grad-rollout", "chefer", "gradcam", "similarity", "legrad", "attnlrp")
 ANALYSES = ("filters", "positions", "distance", "pca")
 CHECKS = METHOD_CHECKS + ANALYSES
 

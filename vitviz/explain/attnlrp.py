@@ -1,4 +1,4 @@
-"""AttnLRP (Achtibat et al., ICML 2024): layer-wise relevance propagation through attention, for plain ViTs.
+"""AttnLRP (Achtibat et al., ICML 2024): layer-wise relevance propagation through attention, for flat transformers.
 
 Relevance starts as the explained logit and flows back to the pixels, layer by layer, by the paper's rules:
 
@@ -25,25 +25,45 @@ so the model is unchanged (its fused attention keeps running: the gradient of fu
 the explicit path's, and only q, k and the attention output's gradients are rescaled). The forward
 values are bit-identical to a plain forward pass, so the explained logit is the model's own.
 
+Covered: every transformer whose modules all have a rule here, reached through its adapter:
+
+* vitviz's ``VisionTransformer``;
+* timm's ``VisionTransformer`` (pre-norm ``Block``, ``ResPostBlock``, ``ParallelThingsBlock``; class-token,
+  distillation, mean, max and attention-pool (``AttentionPoolLatent``, SigLIP) readouts; layer scale,
+  registers, qk-norm) and ``VisionTransformerDistilled`` (DeiT);
+* timm's ``Eva`` (EVA, EVA-02, RoPE ViTs: rotary embeddings are a fixed linear map of q and k; SwiGLU
+  and GLU MLPs, whose product of two branches gets the uniform rule, half to each) and ``Beit`` (a
+  relative position bias is an additive bias on the scores);
+* Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers) and CLIP vision towers, alone or as a prompt
+  classifier (its L2 normalisation gets the identity rule: the norm is a constant).
+
+Where q and k can be reached as modules (timm's ``q_norm`` / ``k_norm``, transformers' ``q_proj`` /
+``k_proj``, vitviz's fused ``qkv``), their gradient is halved and fused attention keeps running (the
+gradient of fused attention equals the explicit path's). timm's BEiT computes q and k inside its
+forward; there the explicit path runs for the call and the halving sits on the softmax's output
+(``attn_drop``'s input), which halves the gradient at the scores and so at q and k alike, while the
+relative position bias's gradient is doubled back so that it absorbs what it would under the rule.
+
+Other models are refused with the reason (:func:`refusal`): CNNs and CNN stems, hierarchical and
+windowed transformers (Swin, PVT, Twins, ...), sigmoid gates, torch's ``nn.MultiheadAttention``
+(open_clip, SigLIP's Hugging Face pooling head) and anything without a classifier head.
+
 Why not the ``lxt`` package: its efficient patches (``lxt.efficient``) replace *class* methods of
 Hugging Face and torchvision modules for the whole process, with no undo, and cover neither timm's
-``VisionTransformer`` nor vitviz's ViT (its torchvision ViT map uses CP-LRP, not AttnLRP, inside
-attention); and ``import lxt.efficient`` fails with transformers 5 (its BERT map imports a module that
-transformers 5 removed). A dashboard that explains several models at once in threads needs per-call,
-per-instance rules that are always removed. The tests check this module against ``lxt``'s explicit rules
-(``lxt.explicit.functional``) composed by hand into the same network.
+models nor vitviz's ViT (its torchvision ViT map uses CP-LRP, not AttnLRP, inside attention); and
+``import lxt.efficient`` fails with transformers 5 (its BERT map imports a module that transformers 5
+removed). A dashboard that explains several models at once in threads needs per-call, per-instance
+rules that are always removed. The tests check this module against ``lxt``'s explicit rules
+(``lxt.explicit.functional``) composed by hand into the same network, and each family against a plain
+ViT with the same weights.
 
 Conservation: every rule above is conservative except where the paper says relevance is absorbed:
-biases (linear, LayerNorm, head), additive embeddings (position embeddings, class and register
-tokens, which are not pixels) and the softmax rule, whose Taylor expansion at x has a bias term that
-keeps ``sum_i R_i - sum_i x_i (R_i - s_i sum_j R_j)`` per query row. So the relevance summed over the
-pixels is the logit minus these absorbed parts, exactly (to float rounding); how far it is from the
-logit depends on the model (with small attention scores, most relevance reaching the attention
-weights is absorbed by the softmax).
-
-Covered: vitviz's ``VisionTransformer`` and timm's ``VisionTransformer`` (pre-norm ``Block``,
-``ResPostBlock``, ``ParallelThingsBlock``; class-token, distillation, mean and max readouts; layer
-scale, registers, qk-norm). Other models are refused with the reason (:func:`refusal`).
+biases (linear, LayerNorm, head, position biases), additive embeddings (position embeddings, class and
+register tokens, an attention pool's latent query, which are not pixels) and the softmax rule, whose
+Taylor expansion at x has a bias term that keeps ``sum_i R_i - sum_i x_i (R_i - s_i sum_j R_j)`` per
+query row. So the relevance summed over the pixels is the logit minus these absorbed parts, exactly (to
+float rounding); how far it is from the logit depends on the model (with small attention scores, most
+relevance reaching the attention weights is absorbed by the softmax).
 """
 
 from __future__ import annotations
@@ -58,19 +78,54 @@ from torch import nn
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import Adapter, adapter_for
 from vitviz.explain.layout import check_images, resolve_target
+from vitviz.explain.lrp_rules import (
+    RMS_NORMS,
+    Rules,
+    activation_rule,
+    l2_rule,
+    norm_rule,
+    scale_input,
+    scale_output,
+    scale_returned,
+)
 
 __all__ = ["LRPResult", "attnlrp", "attnlrp_details", "lrp_rules", "refusal"]
 
-_ADAPTERS = ("vitviz-vit", "timm-vit")  # adapter names whose models this module can cover
-# Modules that are linear maps (or identities in eval), so plain gradient x input is their LRP rule.
-_LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout"}
-# Containers whose forward only composes covered children with additions, concatenation and pooling.
-_CONTAINERS = {"ModuleList", "Sequential", "Mlp", "PatchEmbed", "VisionTransformer", "VisionTransformerDistilled"}
-# Blocks and attention by where they are defined: other timm families reuse these class names for other maths.
-_BLOCKS = {"Block", "ResPostBlock", "ParallelThingsBlock"}
-_HOMES = ("timm.models.vision_transformer", "timm.layers.attention", "vitviz.models.layers")
-_ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "ReLU", "Tanh"}
-_RMS_NORMS = {"RmsNorm", "RMSNorm"}
+_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "hf-vit", "clip-prompts")
+# Modules that are linear maps (or identities in eval), so plain gradient x input is their LRP rule;
+# an Embedding is a lookup of additive parameters (CLIP's positions), which absorb.
+_LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout", "Embedding"}
+_ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "ReLU", "Tanh",  # elementwise, f(0) = 0
+                "GELUActivation", "QuickGELUActivation", "NewGELUActivation", "PytorchGELUTanh",
+                "FastGELUActivation", "SiLUActivation"}
+# Classes whose forward composes covered children with additions, concatenation, pooling, fixed linear
+# maps (rotary embeddings, layer scale) and the matmuls and softmax of attention, by where they are defined
+# (other timm families reuse these class names for other maths).
+_COVERED = {
+    "torch.nn.modules.container": {"ModuleList", "Sequential"},
+    "timm.models.vision_transformer": {"VisionTransformer", "Block", "ResPostBlock", "ParallelThingsBlock",
+                                       "Attention"},
+    "timm.models.deit": {"VisionTransformerDistilled"},
+    "timm.layers.attention": {"Attention", "AttentionRope"},
+    "timm.layers.attention_pool": {"AttentionPoolLatent"},
+    "timm.layers.mlp": {"Mlp", "SwiGLU", "GluMlp"},
+    "timm.layers.patch_embed": {"PatchEmbed"},
+    "timm.layers.pos_embed_sincos": {"RotaryEmbeddingCat", "RotaryEmbedding"},
+    "timm.models.eva": {"Eva", "EvaBlock", "EvaBlockPostNorm", "EvaAttention"},
+    "timm.models.beit": {"Beit", "Block", "Attention", "RelativePositionBias"},
+    "vitviz.models.vit": {"VisionTransformer"},
+    "vitviz.models.layers": {"Block", "Attention", "Mlp", "PatchEmbed"},
+    "vitviz.models.clip": {"PromptClassifier", "L2Normalize"},
+}
+# Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks.
+_HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
+_HF_ENDINGS = ("Model", "ForImageClassification", "ForImageClassificationWithTeacher", "WithProjection",
+               "VisionTransformer", "Embeddings", "Encoder", "Layer", "EncoderLayer", "Attention", "MLP",
+               "LayerScale", "Pooler", "RelativePositionBias", "DropPath")
+_HF_REFUSED = {"SwiGLUFFN": "multiplies silu(x1) * x2 with a functional silu that has no module to put the "
+                            "identity rule on",
+               "ViTPooler": "passes the class token through a dense layer and tanh that have no classifier "
+                            "score behind them"}
 _ALTERNATIVES = "use method='chefer' (gradient-weighted relevance) or 'gradcam'"
 
 
@@ -85,152 +140,91 @@ class LRPResult:
     cell: tuple[int, int]  # pixels one grid cell covers
 
 
-# --- the rules as autograd functions ------------------------------------------------------------------
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; the gradient times ``scale`` backward (the uniform rule's halving)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
-
-
-class _IdentityRule(torch.autograd.Function):
-    """Forward: the activation's own output ``y = f(x)``; backward: gradient times ``f(x) / x``.
-
-    Then x * dR/dx = x * (y / x) * dR/dy = y * dR/dy: all relevance passes to the input (Eq. 9).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # 0 / 0 where x is 0: relevance y * dR/dy is 0 there for every activation covered (f(0) = 0)
-        ctx.save_for_backward((y / x).nan_to_num_(0.0, 0.0, 0.0))
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (ratio,) = ctx.saved_tensors
-        return grad * ratio, None
-
-
-class _NormIdentity(torch.autograd.Function):
-    """LayerNorm / RMSNorm over the last axis with the normalising 1/std a constant (identity rule, Prop. 3.4).
-
-    Forward: the module's own output. Backward: the gradient of ``w * (x - mean) / std + b`` (LayerNorm) or
-    ``w * x / rms`` (RMSNorm) with std / rms held fixed: linear in x, so gradient x input is the epsilon
-    rule on the centring and the affine map, and the bias absorbs its share.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,  # type: ignore[override]
-                bias: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor:
-        if rms:
-            mean = None
-            inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        else:
-            var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)  # (..., 1) each
-            inv = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, mean, inv, weight)
-        ctx.has_bias = bias is not None
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, mean, inv, weight = ctx.saved_tensors
-        gw = grad if weight is None else grad * weight  # (..., D)
-        gx = gw * inv if mean is None else (gw - gw.mean(-1, keepdim=True)) * inv
-        d = x.shape[-1]
-        grad_w = grad_b = None
-        if weight is not None and ctx.needs_input_grad[2]:
-            normed = x * inv if mean is None else (x - mean) * inv  # (..., D)
-            grad_w = (grad * normed).reshape(-1, d).sum(0)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad.reshape(-1, d).sum(0)
-        return gx, None, grad_w, grad_b, None, None
-
-
-def _norm_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """The norm's own output, with the identity rule's gradient (:class:`_NormIdentity`)."""
-    x = inputs[0]
-    rms = type(module).__name__ in _RMS_NORMS
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps  # torch's RMSNorm default
-    return _NormIdentity.apply(x, output.detach(), getattr(module, "weight", None), getattr(module, "bias", None),
-                               float(eps), rms)
-
-
-def _activation_rule(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return _IdentityRule.apply(inputs[0], output.detach())
-
-
-def _qkv_rule(scale: torch.Tensor):
-    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return _ScaleGradient.apply(output, scale.to(output.dtype))  # (B, N, 3 * attn_dim)
-    return hook
-
-
-def _halve_input(_module: nn.Module, inputs: tuple) -> tuple:
-    half = torch.tensor(0.5, dtype=inputs[0].dtype, device=inputs[0].device)
-    return (_ScaleGradient.apply(inputs[0], half),) + tuple(inputs[1:])
-
-
-def _halve_output(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return _ScaleGradient.apply(output, torch.tensor(0.5, dtype=output.dtype, device=output.device))
-
-
-def _attention_rules(m: nn.Module) -> list:
-    """Hooks putting the uniform rule on an attention's two matmuls, right at their factors and product.
-
-    q @ k^T: the gradient at q and k is halved (after timm's q_norm / k_norm, whose biases then absorb
-    at full strength); attn @ v: the gradient at the product is halved, which halves it at both factors.
-    """
-    q_norm, k_norm = getattr(m, "q_norm", None), getattr(m, "k_norm", None)
-    if isinstance(q_norm, nn.Module) and isinstance(k_norm, nn.Module):  # timm: q, k leave through these
-        handles = [q_norm.register_forward_hook(_halve_output), k_norm.register_forward_hook(_halve_output)]
-    else:  # vitviz: q, k are the first two thirds of the qkv projection's output
-        d = m.qkv.out_features // 3
-        scale = torch.cat([torch.full((2 * d,), 0.5), torch.ones(d)]).to(m.qkv.weight.device)  # (3 * d,)
-        handles = [m.qkv.register_forward_hook(_qkv_rule(scale))]
-    # the attention output enters timm's scale norm (an Identity by default), else the projection
-    after = m.norm if isinstance(getattr(m, "norm", None), nn.Module) else m.proj
-    handles.append(after.register_forward_pre_hook(_halve_input))
-    return handles
-
-
 # --- which models ------------------------------------------------------------------------------------
 
-def _origin(module: nn.Module) -> str:
-    return type(module).__module__.split(".")[0]
+def _home(m: nn.Module) -> str:
+    return type(m).__module__
+
+
+def _is(m: nn.Module, home: str, *names: str) -> bool:
+    return _home(m) == home and type(m).__name__ in names
+
+
+def _hf_attention(m: nn.Module) -> bool:
+    """A transformers self-attention: q/k/v projections as modules, an output projection, and the
+    matmul-softmax-matmul between them (eager or fused)."""
+    return (_home(m).startswith("transformers.") and isinstance(getattr(m, "q_proj", None), nn.Linear)
+            and isinstance(getattr(m, "k_proj", None), nn.Linear)
+            and isinstance(getattr(m, "o_proj", None) or getattr(m, "out_proj", None), nn.Linear))
+
+
+def _roots(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The parts of ``model`` its forward pass runs: a prompt classifier's image side (its text encoder
+    ran once, when the prompts were set), a dual encoder's vision tower and projection."""
+    kind = type(model).__name__
+    if kind == "PromptClassifier":
+        for name, child in model.named_children():
+            if name != "text_model":
+                yield from _roots(child, f"{prefix}{name}.")
+    elif _hf_wrapper(model) and model.output == "image_embeds":
+        yield f"{prefix}vision", model.vision
+        projection = getattr(model.hf, "visual_projection", None)
+        if projection is not None:
+            yield f"{prefix}visual_projection", projection
+    else:
+        yield prefix.rstrip("."), model
+
+
+def _hf_wrapper(m: nn.Module) -> bool:
+    """vitviz's wrapper of a transformers model (its class is named after the transformers class it wraps)."""
+    return _home(m) == "vitviz.models.hf" and any(c.__name__ == "HFImageModel" for c in type(m).__mro__)
+
+
+def _covered(name: str, m: nn.Module) -> str | None:
+    """Why module ``m`` has no AttnLRP rule here, or None when it has."""
+    kind, home = type(m).__name__, _home(m)
+    if _hf_wrapper(m):
+        return None  # images in, the wrapped model's logits (or embedding) out
+    if kind in _LINEAR or kind in _ACTIVATIONS or kind in RMS_NORMS or kind in _COVERED.get(home, ()):
+        if getattr(m, "gate", None) is not None:
+            return f"{name} gates its output with a sigmoid, which has no rule here"
+        timm_attention = _is(m, "timm.models.vision_transformer", "Attention") or _is(m, "timm.layers.attention",
+                                                                                          "Attention")
+        if timm_attention and not isinstance(getattr(m, "q_norm", None), nn.Module):
+            return f"{name} has no q_norm / k_norm modules to reach q and k at"
+        return None
+    if isinstance(m, nn.LayerNorm):
+        if len(m.normalized_shape) != 1:
+            return f"{name} normalises over {tuple(m.normalized_shape)}, not the channels only"
+        return None
+    if isinstance(m, nn.Conv2d):
+        if m.kernel_size == m.stride and m.groups == 1 and m.padding in (0, (0, 0)):
+            return None  # a patch projection: a linear map of each patch
+        return f"{name} is a convolution stem, which needs LRP rules of its own"
+    if home.startswith("transformers."):
+        model_type = home.split(".")[2] if home.count(".") >= 2 else ""
+        if kind.endswith(tuple(_HF_REFUSED)):
+            why = next(v for k, v in _HF_REFUSED.items() if kind.endswith(k))
+            return f"{name} ({kind}) {why}"
+        if model_type in _HF_TYPES and kind.endswith(_HF_ENDINGS):
+            return None
+        return f"{name} ({kind}) is a transformers module with no AttnLRP rule here"
+    if home.startswith("open_clip"):
+        return (f"{name} ({kind}) is an open_clip module, whose attention is torch's nn.MultiheadAttention (q and k "
+                "are computed inside one function); load the same weights through timm or Hugging Face")
+    if kind == "MultiheadAttention":
+        return f"{name} is torch's nn.MultiheadAttention, whose q and k are computed inside one function"
+    return f"{name} ({kind}) has no AttnLRP rule here"
 
 
 def _unsupported(model: nn.Module) -> str | None:
     """The first module AttnLRP has no rule for, described, or None when every module is covered."""
-    for name, m in model.named_modules():
-        kind, origin = type(m).__name__, _origin(m)
-        if origin not in ("torch", "timm", "vitviz"):
-            return f"{name or 'the model'} ({kind}) is not a torch, timm or vitviz module"
-        if kind in _LINEAR or kind in _CONTAINERS or kind in _ACTIVATIONS or kind in _RMS_NORMS:
-            continue
-        if isinstance(m, nn.LayerNorm):
-            if len(m.normalized_shape) != 1:
-                return f"{name} normalises over {tuple(m.normalized_shape)}, not the channels only"
-            continue
-        if isinstance(m, nn.Conv2d) and name.endswith("patch_embed.proj"):
-            continue  # the patch projection: a linear map of each patch
-        if kind in _BLOCKS and type(m).__module__ in _HOMES:
-            continue
-        if kind == "Attention" and type(m).__module__ in _HOMES:
-            if getattr(m, "gate", None) is not None:
-                return f"{name} gates its output with a sigmoid, which has no rule here"
-            if not (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "proj", None), nn.Linear)):
-                return f"{name} has no fused qkv and proj projections"
-            continue
-        return f"{name} ({kind}) has no AttnLRP rule here"
+    for root_name, root in _roots(model):
+        for name, m in root.named_modules():
+            full = ".".join(p for p in (root_name, name) if p) or "the model"
+            why = _covered(full, m)
+            if why is not None:
+                return why
     return None
 
 
@@ -247,12 +241,56 @@ def refusal(model: nn.Module | Adapter) -> str | None:
         return (f"{what} has a CNN stem (convolutions, batch norm, pooling): AttnLRP's rules cover the transformer, "
                 f"and LRP through a CNN stem needs rules of its own; {_ALTERNATIVES}.")
     if adapter.name not in _ADAPTERS:
-        return (f"AttnLRP in vitviz covers plain ViTs (vitviz's VisionTransformer and timm's VisionTransformer); "
-                f"{what} ({adapter.name}) has layers without rules here; {_ALTERNATIVES}.")
+        return (f"AttnLRP in vitviz covers flat transformers (ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers); {what} "
+                f"({adapter.name}) has layers without rules here (windows, stages or convolutions); "
+                f"{_ALTERNATIVES}.")
     why = _unsupported(adapter.model)
     if why is not None:
         return f"AttnLRP cannot run on this {what}: {why}; {_ALTERNATIVES}."
     return None
+
+
+# --- the uniform rule on attention's two matmuls -------------------------------------------------------
+
+def _attention_rules(m: nn.Module, rules: Rules) -> None:
+    """Put the uniform rule on an attention's q @ k^T and attn @ v, at their factors and product.
+
+    q @ k^T: the gradient at q and k is halved; attn @ v: the gradient at the product is halved,
+    which halves it at both factors. Where q and k are modules' outputs the halving sits there
+    (after timm's q_norm / k_norm, whose biases then absorb at full strength).
+    """
+    half = scale_output(0.5)
+    if _hf_attention(m):
+        rules.forward(m.q_proj, half)
+        rules.forward(m.k_proj, half)
+        rules.pre(getattr(m, "o_proj", None) or m.out_proj, scale_input(0.5))
+    elif _is(m, "timm.models.beit", "Attention"):
+        rules.set(m, "fused_attn", False)  # q and k never leave the forward: halve at the softmax's output
+        rules.pre(m.attn_drop, scale_input(0.5))
+        if m.relative_position_bias_table is not None:  # its share, as if the halving sat at q and k
+            rules.set(m, "_get_rel_pos_bias", scale_returned(m._get_rel_pos_bias, 2.0))
+        rules.pre(m.proj, scale_input(0.5))
+    elif isinstance(getattr(m, "q_norm", None), nn.Module) and isinstance(getattr(m, "k_norm", None), nn.Module):
+        rules.forward(m.q_norm, half)
+        rules.forward(m.k_norm, half)
+        # the attention output enters timm's scale norm (an Identity by default), else the projection;
+        # an attention pool's ``norm`` comes after its projection
+        pool = _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
+        after = m.norm if isinstance(getattr(m, "norm", None), nn.Module) and not pool else m.proj
+        rules.pre(after, scale_input(0.5))
+    else:  # vitviz: q, k are the first two thirds of the qkv projection's output
+        d = m.qkv.out_features // 3
+        scale = torch.cat([torch.full((2 * d,), 0.5), torch.ones(d)]).to(m.qkv.weight.device)  # (3 * d,)
+        rules.forward(m.qkv, scale_output(scale))
+        rules.pre(m.proj, scale_input(0.5))
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return (_hf_attention(m) or _is(m, "vitviz.models.layers", "Attention")
+            or _is(m, "timm.models.vision_transformer", "Attention")
+            or _is(m, "timm.layers.attention", "Attention", "AttentionRope")
+            or _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
+            or _is(m, "timm.models.eva", "EvaAttention") or _is(m, "timm.models.beit", "Attention"))
 
 
 # --- the rules in place for one call -------------------------------------------------------------------
@@ -262,30 +300,35 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
     """Inside the block, a backward pass of ``model`` computes AttnLRP (gradient x input = relevance).
 
     ExplainError (with the reason) for a model :func:`refusal` refuses. On exit, also after an
-    exception, every hook is removed: the model is as it was.
+    exception, every hook and instance attribute is removed: the model is as it was.
     """
     adapter = adapter_for(model)
     why = refusal(adapter)
     if why is not None:
         raise ExplainError(why)
-    handles = []
+    rules = Rules()
     try:
-        modules = list(adapter.model.modules())
+        modules = [m for _, root in _roots(adapter.model) for m in root.modules()]
         for m in modules:
             kind = type(m).__name__
-            if isinstance(m, nn.LayerNorm) or kind in _RMS_NORMS:
-                handles.append(m.register_forward_hook(_norm_rule))
+            if isinstance(m, nn.LayerNorm) or kind in RMS_NORMS:
+                rules.forward(m, norm_rule)
             elif kind in _ACTIVATIONS:
-                handles.append(m.register_forward_hook(_activation_rule))
+                rules.forward(m, activation_rule)
+            elif _is(m, "vitviz.models.clip", "L2Normalize"):
+                rules.forward(m, l2_rule)
+            elif _is(m, "timm.layers.mlp", "SwiGLU", "GluMlp"):  # act(a) * b: the uniform rule, half to each
+                rules.pre(m.drop1, scale_input(0.5))
+            elif _is(m, "timm.models.beit", "RelativePositionBias"):  # shared by every block: see _attention_rules
+                rules.forward(m, scale_output(2.0))
         # after the norm rules: a norm rule rebuilds its output from its input, so a hook on the same
         # module (timm's q_norm) must run after it to act on the rebuilt output
         for m in modules:
-            if type(m).__name__ == "Attention" and type(m).__module__ in _HOMES:
-                handles += _attention_rules(m)
+            if _is_attention(m):
+                _attention_rules(m, rules)
         yield
     finally:
-        for h in handles:
-            h.remove()
+        rules.undo()
 
 
 def attnlrp_details(model: nn.Module, x: torch.Tensor,

@@ -53,6 +53,15 @@ def check_prompts(prompts: Sequence[str] | str, where: str = "prompts") -> list[
     return clean
 
 
+class L2Normalize(nn.Module):
+    """``x / ||x||`` over the last axis, as a module so that explanation rules can attach to it (AttnLRP)."""
+
+    eps = 1e-12  # F.normalize's default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1, eps=self.eps)
+
+
 class PromptClassifier(nn.Module):
     """Zero-shot classification over typed prompts: (B, 3, H, W) -> (B, prompts) similarity logits.
 
@@ -72,6 +81,7 @@ class PromptClassifier(nn.Module):
         self.logit_bias = None if logit_bias is None else float(logit_bias)
         self.preprocessing = dict(preprocessing)
         self.source = source
+        self.normalize = L2Normalize()
         self.register_buffer("text_features", torch.zeros(0), persistent=False)
         self.prompts: list[str] = []
         self.set_prompts(prompts)
@@ -103,8 +113,8 @@ class PromptClassifier(nn.Module):
 
     def similarity(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, E) image embeddings -> (B, P) logits: scale * cosine similarity (+ bias)."""
-        image = F.normalize(image_embeds.float(), dim=-1)  # (B, E)
-        logits = self.logit_scale * image @ self.text_features.to(image.device).t()  # (B, P)
+        image = self.normalize(image_embeds.to(torch.promote_types(image_embeds.dtype, torch.float32)))  # (B, E)
+        logits = self.logit_scale * image @ self.text_features.to(image).t()  # (B, P)
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""AttnLRP's rules as autograd functions and module hooks, in the gradient x input form.
+
+Each rule keeps the forward value of the operation it covers and changes only its backward pass, so
+that ``input * modified gradient`` is the relevance the paper's rule gives (Achtibat et al., ICML 2024).
+:mod:`vitviz.explain.attnlrp` decides which module of a model gets which rule; :class:`Rules` holds
+every hook and instance attribute it sets, and undoes them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Rules", "activation_rule", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
+
+RMS_NORMS = {"RmsNorm", "RMSNorm"}
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times ``scale`` backward (the uniform rule's halving)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+class _IdentityRule(torch.autograd.Function):
+    """Forward: the activation's own output ``y = f(x)``; backward: gradient times ``f(x) / x``.
+
+    Then x * dR/dx = x * (y / x) * dR/dy = y * dR/dy: all relevance passes to the input (Eq. 9).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # 0 / 0 where x is 0: relevance y * dR/dy is 0 there for every activation covered (f(0) = 0)
+        ctx.save_for_backward((y / x).nan_to_num_(0.0, 0.0, 0.0))
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None
+
+
+class _NormIdentity(torch.autograd.Function):
+    """LayerNorm / RMSNorm over the last axis with the normalising 1/std a constant (identity rule, Prop. 3.4).
+
+    Forward: the module's own output. Backward: the gradient of ``w * (x - mean) / std + b`` (LayerNorm) or
+    ``w * x / rms`` (RMSNorm) with std / rms held fixed: linear in x, so gradient x input is the epsilon
+    rule on the centring and the affine map, and the bias absorbs its share.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor | None,  # type: ignore[override]
+                bias: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor:
+        if rms:
+            mean = None
+            inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        else:
+            var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)  # (..., 1) each
+            inv = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, mean, inv, weight)
+        ctx.has_bias = bias is not None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, mean, inv, weight = ctx.saved_tensors
+        gw = grad if weight is None else grad * weight  # (..., D)
+        gx = gw * inv if mean is None else (gw - gw.mean(-1, keepdim=True)) * inv
+        d = x.shape[-1]
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            normed = x * inv if mean is None else (x - mean) * inv  # (..., D)
+            grad_w = (grad * normed).reshape(-1, d).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad.reshape(-1, d).sum(0)
+        return gx, None, grad_w, grad_b, None, None
+
+
+class _L2Identity(torch.autograd.Function):
+    """``x / max(||x||, eps)`` over the last axis with the norm a constant: the gradient divided by it.
+
+    The identity rule for an L2 normalisation (a CLIP embedding before the cosine similarity): the
+    relevance x * g / ||x|| = y * g passes through whole.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x.norm(dim=-1, keepdim=True).clamp_min(eps))  # (..., 1)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (norm,) = ctx.saved_tensors
+        return grad / norm, None, None
+
+
+def norm_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the norm's own output, with the identity rule's gradient (:class:`_NormIdentity`)."""
+    x = inputs[0]
+    rms = type(module).__name__ in RMS_NORMS
+    eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", None) or torch.finfo(x.dtype).eps
+    return _NormIdentity.apply(x, output.detach(), getattr(module, "weight", None), getattr(module, "bias", None),
+                               float(eps), rms)
+
+
+def activation_rule(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: an elementwise activation's output, with the identity rule's gradient."""
+    return _IdentityRule.apply(inputs[0], output.detach())
+
+
+def l2_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook for an L2-normalising module: its output, with the norm held constant backward."""
+    return _L2Identity.apply(inputs[0], output.detach(), float(getattr(module, "eps", 1e-12)))
+
+
+def scale_output(scale: float | torch.Tensor) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+    """Forward hook: the module's output, its gradient times ``scale`` (a number or a (D,) vector)."""
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(scale, dtype=output.dtype, device=output.device)
+        return _ScaleGradient.apply(output, s)
+    return hook
+
+
+def scale_input(scale: float) -> Callable[[nn.Module, tuple], tuple]:
+    """Forward pre-hook: the module's first input, its gradient times ``scale``."""
+    def hook(_module: nn.Module, inputs: tuple) -> tuple:
+        s = torch.tensor(scale, dtype=inputs[0].dtype, device=inputs[0].device)
+        return (_ScaleGradient.apply(inputs[0], s),) + tuple(inputs[1:])
+    return hook
+
+
+def scale_returned(fn: Callable[[], torch.Tensor], scale: float) -> Callable[[], torch.Tensor]:
+    """``fn`` (a method taking no arguments) whose returned tensor's gradient is times ``scale``."""
+    def wrapped() -> torch.Tensor:
+        out = fn()
+        return _ScaleGradient.apply(out, torch.tensor(scale, dtype=out.dtype, device=out.device))
+    return wrapped
+
+
+class Rules:
+    """The hooks and instance attributes one AttnLRP call puts on a model; :meth:`undo` removes them all."""
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._saved: list[tuple[nn.Module, str, object]] = []
+
+    def forward(self, module: nn.Module, hook: Callable) -> None:
+        self._handles.append(module.register_forward_hook(hook))
+
+    def pre(self, module: nn.Module, hook: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(hook))
+
+    def set(self, module: nn.Module, name: str, value: object) -> None:
+        """Set an instance attribute for the call (``fused_attn``, a wrapped method); restored by :meth:`undo`."""
+        self._saved.append((module, name, module.__dict__.get(name, self._MISSING)))
+        setattr(module, name, value)
+
+    def undo(self) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        for module, name, previous in reversed(self._saved):
+            if previous is self._MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = previous
+        self._handles.clear()
+        self._saved.clear()
