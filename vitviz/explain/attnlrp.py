@@ -242,7 +242,7 @@ def refusal(model: nn.Module | Adapter) -> str | None:
                 f"and LRP through a CNN stem needs rules of its own; {_ALTERNATIVES}.")
     if adapter.name not in _ADAPTERS:
         return (f"AttnLRP in vitviz covers flat transformers (ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers); {what} "
-                f"({adapter.name}) has layers without rules here (windows, stages or convolutions); "
+                f"({adapter.name}) has layers with no rule here; "
                 f"{_ALTERNATIVES}.")
     why = _unsupported(adapter.model)
     if why is not None:
