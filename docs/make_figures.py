@@ -56,14 +56,17 @@ def screenshots(out: Path, checkpoints: Path = ROOT / "checkpoints", timeout_ms:
     with StreamlitServer("dashboard/app.py", env=env) as server, sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.set_default_timeout(timeout_ms)
             for path, (stem, ready) in PAGES.items():
+                # a fresh page each: screenshot_page grows the viewport to the page's height, and a page
+                # measured in the last one's tall viewport would be as tall, with blank space below
+                page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                page.set_default_timeout(timeout_ms)
                 page.goto(f"{server.url}/{path}")
                 page.wait_for_selector(ready)
                 wait_done(page, timeout_ms)
                 page.mouse.move(0, 0)  # no hover label in the picture
                 written.append(screenshot_page(page, out / f"{stem}.png"))
+                page.close()
                 print(written[-1])
         finally:
             browser.close()

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from dashboard_fixtures import DemoCheckpoints, shipped_or_demo  # noqa: E402
 
 
 @pytest.fixture
@@ -19,3 +28,23 @@ def fused_attention_calls(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoints(tmp_path_factory) -> DemoCheckpoints:
+    """Writes the tiny demo checkpoints (tests/demo_checkpoints.py) once per dataset, copies them after that."""
+    return DemoCheckpoints(tmp_path_factory.mktemp("demo_store"))
+
+
+@pytest.fixture(scope="module")
+def demo_folder(demo_checkpoints, tmp_path_factory) -> Path:
+    """A checkpoint folder of the module's own with the three shapes demo checkpoints."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    demo_checkpoints.write(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shipped_or_demo_folder(demo_checkpoints, tmp_path_factory) -> Path:
+    """The shipped checkpoints when they load (read, never written), else the demo ones in a tmp folder."""
+    return shipped_or_demo(demo_checkpoints, tmp_path_factory.mktemp("demo_ckpts"))

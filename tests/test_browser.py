@@ -12,18 +12,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from dashboard.harness import (  # noqa: E402
+from dashboard.harness import (
     CHROMIUM,
     StreamlitServer,
     launch_chromium,
@@ -44,27 +39,14 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 TIMEOUT_MS = 180_000  # first page loads import torch and load models on a slow, shared CPU
 
 
-def _checkpoint_folder(tmp_path_factory) -> Path:
-    from dashboard.support import scan_checkpoints
-
-    shipped = ROOT / "checkpoints"
-    if any(e.usable for e in scan_checkpoints(shipped)):
-        return shipped
-    from demo_checkpoints import write_demo_checkpoints
-
-    folder = tmp_path_factory.mktemp("demo_ckpts")
-    write_demo_checkpoints(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    env = {"VITVIZ_CHECKPOINTS": str(_checkpoint_folder(tmp_path_factory)), "HF_HUB_OFFLINE": "1"}
+def server(shipped_or_demo_folder):
+    env = {"VITVIZ_CHECKPOINTS": str(shipped_or_demo_folder), "HF_HUB_OFFLINE": "1"}
     with StreamlitServer("dashboard/app.py", env=env) as srv:
         yield srv
     log = srv.log

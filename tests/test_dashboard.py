@@ -9,25 +9,17 @@ tests do not depend on the shipped ones. Every run must end without an exception
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from dashboard_fixtures import dashboard_env, start_app, write_efficiency
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 180  # seconds per script run: the first imports torch on a slow, shared CPU
 
 
@@ -36,46 +28,28 @@ TIMEOUT = 180  # seconds per script run: the first imports torch on a slow, shar
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from demo_checkpoints import write_demo_checkpoints
-
-    ckpts = tmp_path_factory.mktemp("ckpts")
-    write_demo_checkpoints(ckpts)
+def folders(demo_folder, demo_checkpoints, tmp_path_factory):
     user = tmp_path_factory.mktemp("user_ckpts")
-    write_demo_checkpoints(user, dataset="digits")
+    demo_checkpoints.write(user, dataset="digits")
     (user / "garbage.safetensors").write_bytes(b"this is not a checkpoint at all" * 4)
     (user / "empty.safetensors").write_bytes(b"")
-    results = tmp_path_factory.mktemp("results")
     rows = [{"name": f"{fam}_{f}", "family": fam, "train_fraction": f, "num_train": int(6000 * f),
              "test_accuracy": acc * (0.6 + 0.4 * f)} for fam, acc in (("vit", 0.9), ("resnet", 0.95))
             for f in (0.1, 0.25, 0.5, 1.0)]
-    (results / "efficiency.json").write_text(json.dumps({"kind": "data-efficiency", "dataset": "shapes",
-                                                         "rows": rows}))
-    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "VITVIZ_RESULTS", "HF_HUB_OFFLINE")}
-    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), VITVIZ_RESULTS=str(results), HF_HUB_OFFLINE="1")
-    yield {"shipped": ckpts, "user": user, "results": results}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    results = write_efficiency(tmp_path_factory.mktemp("results"), rows)
+    with dashboard_env(demo_folder, results=results):
+        yield {"shipped": demo_folder, "user": user, "results": results}
 
 
 @pytest.fixture
 def app(folders) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    assert_clean(at)
-    return at
+    return start_app(TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def upload_app(folders) -> AppTest:
     """One app for all the upload cases: each upload replaces the last (saves a fresh start per case)."""
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    assert_clean(at)
-    return at
+    return start_app(TIMEOUT)
 
 
 def assert_clean(at: AppTest) -> None:

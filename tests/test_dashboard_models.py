@@ -3,46 +3,27 @@ open_clip with random weights and its bundled tokenizer, and the offline advice 
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from dashboard_fixtures import dashboard_env, start_app
+from streamlit.testing.v1 import AppTest
+from test_dashboard import assert_clean, chart_keys, charts, errors, texts
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from streamlit.testing.v1 import AppTest  # noqa: E402
-from test_dashboard import assert_clean, chart_keys, charts, errors, texts  # noqa: E402
-
-APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(demo_folder, tmp_path_factory):
     import transformers as T
-    from demo_checkpoints import write_demo_checkpoints
 
-    ckpts = tmp_path_factory.mktemp("ckpts")
-    write_demo_checkpoints(ckpts)
     vit = tmp_path_factory.mktemp("hf_vit")
     torch.manual_seed(0)
     config = T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                          image_size=32, patch_size=8, num_labels=2, id2label={0: "kitten", 1: "puppy"},
                          label2id={"kitten": 0, "puppy": 1})
     T.ViTForImageClassification(config).save_pretrained(vit)
-    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
-    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), HF_HUB_OFFLINE="1",
-                      HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")))
-    yield {"vit": vit}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with dashboard_env(demo_folder, HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache"))):
+        yield {"vit": vit}
 
 
 def bars(at: AppTest) -> list[str]:
@@ -52,10 +33,7 @@ def bars(at: AppTest) -> list[str]:
 
 @pytest.fixture
 def app(env) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    assert_clean(at)
-    return at
+    return start_app(TIMEOUT)
 
 
 def test_a_hugging_face_folder_predicts_with_its_own_class_names(app, env):

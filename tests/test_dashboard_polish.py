@@ -8,48 +8,27 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from dashboard_fixtures import dashboard_env, start_app, write_efficiency
+from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(ROOT))
+from vitviz.plots.colours import FAMILY_BADGES, FAMILY_COLOURS, family_colour
 
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from vitviz.plots.colours import FAMILY_BADGES, FAMILY_COLOURS, family_colour  # noqa: E402
-
-APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 180  # seconds per script run: the first imports torch on a slow, shared CPU
 FAMILIES = ("vit", "hybrid", "resnet", "hierarchical", "cnn")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from demo_checkpoints import write_demo_checkpoints
-
-    ckpts = tmp_path_factory.mktemp("ckpts")
-    write_demo_checkpoints(ckpts)
-    results = tmp_path_factory.mktemp("results")
+def folder(demo_folder, tmp_path_factory):
     # data-efficiency rows in the order resnet, vit, hybrid: a colour by position would differ from the others
     rows = [{"name": f"{fam}_{f}", "family": fam, "train_fraction": f, "num_train": int(600 * f),
              "test_accuracy": 0.5 + 0.3 * f} for fam in ("resnet", "vit", "hybrid") for f in (0.25, 1.0)]
-    (results / "efficiency.json").write_text(json.dumps({"kind": "data-efficiency", "dataset": "shapes",
-                                                         "rows": rows}))
-    keys = ("VITVIZ_CHECKPOINTS", "VITVIZ_RESULTS", "HF_HUB_OFFLINE", "VITVIZ_HOSTED")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), VITVIZ_RESULTS=str(results), HF_HUB_OFFLINE="1")
-    os.environ.pop("VITVIZ_HOSTED", None)
-    yield ckpts
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    results = write_efficiency(tmp_path_factory.mktemp("results"), rows)
+    with dashboard_env(demo_folder, results=results, VITVIZ_HOSTED=None):
+        yield demo_folder
 
 
 def assert_clean(at: AppTest) -> None:
@@ -109,8 +88,7 @@ def test_two_models_of_one_family_share_its_colour_and_differ_by_dash():
 def test_compare_page_colours_every_chart_and_badge_by_family(folder):
     from dashboard.support import scan_checkpoints
 
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     at.switch_page("pages/compare.py").run()
     assert_clean(at)
     family_of = {Path(e.path).stem: e.meta.family for e in scan_checkpoints(folder)}
@@ -194,8 +172,7 @@ def test_attention_maps_are_labelled_attention():
 
 
 def test_explore_draws_attention_labels_and_the_image_under_the_heads(folder):
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     assert_clean(at)
     box = next(b for b in at.selectbox if str(b.key).startswith("method_"))
     box.set_value("attention").run()
@@ -234,8 +211,7 @@ def test_sidebar_checkpoint_names_fit_and_the_full_name_is_at_hand(folder, tmp_p
 
     long = "vit_p4_d8_32_shapes_lr3e-4_seed17_final_run"
     shutil.copy(folder / "vit_shapes.safetensors", tmp_path / f"{long}.safetensors")
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     box = at.sidebar.selectbox(key="ckpt_Shipped")
     assert box.options and all(len(o) <= SIDEBAR_CHARS for o in box.options)
     assert "vit_shapes" in box.options  # the shipped names are short enough to be shown whole
@@ -254,8 +230,7 @@ def test_sidebar_checkpoint_names_fit_and_the_full_name_is_at_hand(folder, tmp_p
 
 
 def test_first_run_clears_the_loading_note(folder):
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     assert_clean(at)
     assert at.session_state["vitviz.loaded_once"]
     assert not any("Loading vitviz" in str(m.value) for m in at.markdown)
@@ -375,8 +350,7 @@ def test_checkpoint_errors_say_what_is_wrong_without_jargon(tmp_path, folder):
 
 def test_hosted_offers_no_folder_and_no_downloads(folder, monkeypatch):
     monkeypatch.setenv("VITVIZ_HOSTED", "1")
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     assert_clean(at)
     source = at.sidebar.segmented_control(key="model_source")
     assert list(source.options) == ["Shipped", "timm"]  # no Folder, no Hugging Face, no CLIP
@@ -394,7 +368,6 @@ def test_hosted_offers_no_folder_and_no_downloads(folder, monkeypatch):
 
 
 def test_not_hosted_offers_every_source(folder):
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     assert list(at.sidebar.segmented_control(key="model_source").options) == [
         "Shipped", "Folder", "timm", "Hugging Face", "CLIP"]

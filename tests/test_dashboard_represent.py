@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
+from dashboard_fixtures import dashboard_env, start_app
+from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    from demo_checkpoints import write_demo_checkpoints
-
-    ckpts = tmp_path_factory.mktemp("ckpts")
-    write_demo_checkpoints(ckpts)
-    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "HF_HUB_OFFLINE")}
-    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), HF_HUB_OFFLINE="1")
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
-    at.switch_page("pages/representations.py").run()
-    yield at
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def app(demo_folder):
+    with dashboard_env(demo_folder):
+        yield start_app(TIMEOUT, page="pages/representations.py")
 
 
 def chart_ids(at: AppTest) -> list[str]:

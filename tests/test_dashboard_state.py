@@ -10,57 +10,38 @@ digits set, which is grayscale, so a colour photo is out of distribution for the
 from __future__ import annotations
 
 import io
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from dashboard_fixtures import dashboard_env, start_app
 from PIL import Image
+from streamlit.testing.v1 import AppTest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from dashboard.captions import attention_distance_caption, position_similarity_caption
 
-pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
-from dashboard.captions import attention_distance_caption, position_similarity_caption  # noqa: E402
-
-APP = str(ROOT / "dashboard" / "app.py")
 TIMEOUT = 180
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from demo_checkpoints import write_demo_checkpoints
-
+def folder(demo_folder, demo_checkpoints):
     from vitviz.checkpoint import load_checkpoint, update_checkpoint_meta
     from vitviz.data import load_dataset
     from vitviz.ood import calibrate
 
-    ckpts = tmp_path_factory.mktemp("ckpts")
-    write_demo_checkpoints(ckpts)
-    digits = write_demo_checkpoints(ckpts, dataset="digits")
+    digits = demo_checkpoints.write(demo_folder, dataset="digits")  # copies of this module's own: calibrated here
     data = load_dataset("digits", img_size=32)
     for path in digits:
         model, meta = load_checkpoint(path)
         cal = calibrate(model, data.train.images[:400], data.val.images, mean=meta.mean, std=meta.std)
         update_checkpoint_meta(path, ood=cal)
-    old = {k: os.environ.get(k) for k in ("VITVIZ_CHECKPOINTS", "HF_HUB_OFFLINE")}
-    os.environ.update(VITVIZ_CHECKPOINTS=str(ckpts), HF_HUB_OFFLINE="1")
-    yield ckpts
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with dashboard_env(demo_folder):
+        yield demo_folder
 
 
 @pytest.fixture
 def app(folder) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.run()
+    at = start_app(TIMEOUT)
     assert_clean(at)
     return at
 
