@@ -27,6 +27,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import Adapter, adapter_for
+from vitviz.explain.hooks import this_thread
 from vitviz.explain.layout import check_images, resolve_target
 from vitviz.explain.registry import MapResult
 
@@ -137,8 +138,9 @@ def legrad(model: nn.Module | Adapter, x: torch.Tensor, target: int | Sequence[i
     tokens = adapter.final_tokens(x.shape[-2], x.shape[-1])
     pooled = adapter.readout_kind() == "pool"
     outputs: dict[int, torch.Tensor] = {}
-    handles = [blk.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, _block_output(out)))
-               for i, blk in enumerate(modules) if i >= start]
+    keep = [this_thread(lambda _m, _i, out, i=i: outputs.__setitem__(i, _block_output(out)))
+            for i in range(len(modules))]
+    handles = [blk.register_forward_hook(keep[i]) for i, blk in enumerate(modules) if i >= start]
     x = x.detach().requires_grad_(True)  # a graph even when the weights are frozen
     try:
         with torch.enable_grad():

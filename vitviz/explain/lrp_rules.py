@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitviz.explain.hooks import this_thread
+
 __all__ = ["Rules", "activation_rule", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
 
 RMS_NORMS = {"RmsNorm", "RMSNorm"}
@@ -158,10 +160,10 @@ class Rules:
         self._saved: list[tuple[nn.Module, str, object]] = []
 
     def forward(self, module: nn.Module, hook: Callable) -> None:
-        self._handles.append(module.register_forward_hook(hook))
+        self._handles.append(module.register_forward_hook(this_thread(hook)))
 
     def pre(self, module: nn.Module, hook: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(hook))
+        self._handles.append(module.register_forward_pre_hook(this_thread(hook)))
 
     def set(self, module: nn.Module, name: str, value: object) -> None:
         """Set an instance attribute for the call (``fused_attn``, a wrapped method); restored by :meth:`undo`."""

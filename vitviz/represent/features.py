@@ -17,6 +17,7 @@ from torch import nn
 from vitviz.errors import ConfigError, ExplainError
 from vitviz.explain.adapters import Adapter, adapter_for
 from vitviz.explain.adapters.base import Layer, LayerSplit
+from vitviz.explain.hooks import this_thread
 
 __all__ = [
     "REPRESENTATIONS", "FeaturePass", "LayerFeatures", "Readouts", "collect_readouts", "layer_features", "layer_labels",
@@ -108,7 +109,7 @@ def layer_features(model: nn.Module | Adapter, x: torch.Tensor, *, lens: bool = 
 
     try:
         for k, layer in enumerate(chosen):
-            handles.append(layer.module.register_forward_hook(hook_for(k, layer)))
+            handles.append(layer.module.register_forward_hook(this_thread(hook_for(k, layer))))
         with torch.no_grad():
             out = adapter.model(x)  # (B, classes)
     finally:

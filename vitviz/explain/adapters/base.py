@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
+from vitviz.explain.hooks import this_thread
 
 __all__ = [
     "Adapter", "AttentionRecord", "CamForward", "Layer", "LayerSplit", "Recording", "Reduce", "Tokens", "as_map",
@@ -483,7 +484,7 @@ def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
             def hook(_m: nn.Module, inputs: tuple, _out: object, name: str = name, module: nn.Module = module) -> None:
                 on_record(name, module, inputs[0])
 
-            handles.append(drop.register_forward_hook(hook))
+            handles.append(drop.register_forward_hook(this_thread(hook)))
         yield
     finally:
         for h in handles:
@@ -523,7 +524,8 @@ def hooked_forward(model: nn.Module, module: nn.Module, x: torch.Tensor,
     def keep_input(_m: nn.Module, inputs: tuple) -> None:
         captured.append(inputs[0])
 
-    handle = module.register_forward_pre_hook(keep_input) if pre else module.register_forward_hook(keep_output)
+    handle = module.register_forward_pre_hook(this_thread(keep_input)) if pre else \
+        module.register_forward_hook(this_thread(keep_output))
     try:
         with torch.enable_grad() if grad else torch.no_grad():
             logits = model(x)  # (B, classes)

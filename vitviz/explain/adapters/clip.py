@@ -40,6 +40,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
+from vitviz.explain.hooks import this_thread
 
 
 def _is_prompt_classifier(model: nn.Module) -> bool:
@@ -268,7 +269,7 @@ class OpenClipViT(Adapter):
                     rec.records.append(AttentionRecord(weights=reduce(w) if reduce else w, queries=tokens,
                                                        keys=tokens, name=f"transformer.resblocks.{i}.attn", block=i))
 
-                handles.append(blk.attn.register_forward_hook(on_forward))
+                handles.append(blk.attn.register_forward_hook(this_thread(on_forward)))
             yield rec
         finally:
             for handle in handles:

@@ -18,6 +18,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters.base import _RECORD_ONLY
+from vitviz.explain.hooks import this_thread
 
 __all__ = ["attention_layers", "eager_recorder", "first_layernorm", "is_hf"]
 
@@ -81,7 +82,7 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
                                        "eager path; this transformers version is not supported for attention methods.")
                 on_record(name, module, weights)
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(this_thread(hook)))
         yield
     finally:
         for h in handles:

@@ -35,6 +35,7 @@ from vitviz.explain.adapters.base import (
 )
 from vitviz.explain.adapters.hf_common import eager_recorder, is_hf
 from vitviz.explain.adapters.timm_swin import stage_refusal, window_record
+from vitviz.explain.hooks import this_thread
 
 
 def _pair(v: object) -> tuple[int, int]:
@@ -122,7 +123,7 @@ class HFSwin(Adapter):
         handles = []
         try:
             for _, blk, _ in blocks:
-                handles.append(blk.register_forward_pre_hook(keep_grid, with_kwargs=True))
+                handles.append(blk.register_forward_pre_hook(this_thread(keep_grid), with_kwargs=True))
             with eager_recorder([(f"{n}.attention", blk.attention) for n, blk, _ in blocks], on_record):
                 yield rec
         finally:

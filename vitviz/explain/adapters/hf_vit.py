@@ -40,6 +40,7 @@ from vitviz.explain.adapters.base import (
     readout_vector,
 )
 from vitviz.explain.adapters.hf_common import attention_layers, eager_recorder, first_layernorm, is_hf
+from vitviz.explain.hooks import this_thread
 
 _SIGLIP = ("siglip", "siglip_vision_model")
 _POOLED_READOUTS = ("mean", "pool", "cls+mean")
@@ -142,7 +143,7 @@ class HFViT(Adapter):
                 _, weights = head.attention(probe, hidden, hidden, need_weights=True, average_attn_weights=True)
             rec.readout = weights[:, 0]  # (B, N)
 
-        return [head.register_forward_pre_hook(keep_pool)]
+        return [head.register_forward_pre_hook(this_thread(keep_pool))]
 
     # --- layers, for representation analyses ------------------------------------------------------------
     def layers(self) -> list[Layer]:

@@ -38,6 +38,7 @@ from vitviz.explain.adapters.base import (
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm
 from vitviz.explain.adapters.timm_swin import conv_out, stage_refusal
+from vitviz.explain.hooks import this_thread
 
 
 def pooled_keys(attn: nn.Module, queries: Tokens) -> Tokens:
@@ -150,7 +151,7 @@ class TimmPVTv2(Adapter):
         handles = []
         try:
             for _, attn, _ in attns:
-                handles.append(attn.register_forward_pre_hook(keep_grid))
+                handles.append(attn.register_forward_pre_hook(this_thread(keep_grid)))
             with attn_drop_recorder([(name, attn) for name, attn, _ in attns], on_record):
                 yield rec
         finally:

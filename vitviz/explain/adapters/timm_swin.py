@@ -47,6 +47,7 @@ from vitviz.explain.adapters.base import (
     stage_blocks,
 )
 from vitviz.explain.adapters.timm_common import common_heads, is_timm, linear_patch_filters
+from vitviz.explain.hooks import this_thread
 
 ACROSS_LAYERS = ("rollout", "grad-rollout", "chefer")
 
@@ -242,7 +243,7 @@ class TimmSwin(Adapter):
         handles = []
         try:
             for _, blk, _ in blocks:
-                handles.append(blk.register_forward_pre_hook(keep_grid))
+                handles.append(blk.register_forward_pre_hook(this_thread(keep_grid)))
             with attn_drop_recorder([(f"{n}.attn", blk.attn) for n, blk, _ in blocks], on_record):
                 yield rec
         finally:

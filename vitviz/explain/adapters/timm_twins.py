@@ -55,6 +55,7 @@ from vitviz.explain.adapters.timm_swin import (
     window_densify,
     window_index,
 )
+from vitviz.explain.hooks import this_thread
 
 
 @register
@@ -164,11 +165,11 @@ class TimmTwins(Adapter):
         handles = []
         try:
             for _, attn, _ in attns:
-                handles.append(attn.register_forward_pre_hook(keep_grid))
+                handles.append(attn.register_forward_pre_hook(this_thread(keep_grid)))
             with attn_drop_recorder([(name, attn) for name, attn, _ in attns], on_record):
                 for _, attn, _ in attns:
                     if isinstance(attn, LocallyGroupedAttn):
-                        handles.append(attn.attn_drop.register_forward_hook(as_windows))
+                        handles.append(attn.attn_drop.register_forward_hook(this_thread(as_windows)))
                 yield rec
         finally:
             for h in handles:

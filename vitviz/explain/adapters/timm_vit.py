@@ -45,6 +45,7 @@ from vitviz.explain.adapters.base import (
     readout_vector,
 )
 from vitviz.explain.adapters.timm_common import is_timm, linear_patch_filters, patch_grid
+from vitviz.explain.hooks import this_thread
 
 _INLINE_BLOCKS = ("ParallelScalingBlock", "DiffParallelScalingBlock")
 
@@ -86,12 +87,12 @@ def readout_hooks(model: nn.Module, how: str, rec: Recording) -> list:
                 a = a[:, :, :1] if getattr(pool, "pool", "token") == "token" else a
                 rec.readout = a.mean(dim=(1, 2))  # (B, N)
 
-        return [pool.register_forward_pre_hook(keep_pool)]
+        return [pool.register_forward_pre_hook(this_thread(keep_pool))]
     if how in ("max", "avgmax"):
         def keep_features(_m: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             rec.features = output.detach()  # (B, N, D): what the pool reads
 
-        return [model.norm.register_forward_hook(keep_features)]
+        return [model.norm.register_forward_hook(this_thread(keep_features))]
     return []
 
 
