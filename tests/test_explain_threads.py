@@ -79,3 +79,33 @@ def test_another_threads_gradient_does_not_follow_attnlrp_rules():
                             lambda: input_gradient(model, images))
     torch.testing.assert_close(theirs, plain)  # ... but not another thread's, while they are on
     torch.testing.assert_close(ours, modified)  # and still this thread's
+
+
+def test_two_recordings_at_once_take_turns_and_both_see_every_block():
+    # A recording switches timm's fused attention off for its duration. Were two to overlap, the first to
+    # leave would switch it back on under the second, whose forward would then record nothing.
+    model, images = tiny_vit(), x()
+    adapter = adapter_for(model)
+    first_in, first_out, counts = threading.Event(), threading.Event(), {}
+
+    def first() -> None:
+        with adapter.recording(16, 16) as rec:
+            first_in.set()
+            model(images)
+            counts["first"] = len(rec.records)
+        first_out.set()
+
+    def second() -> None:
+        assert first_in.wait(60)
+        with adapter.recording(16, 16) as rec:
+            assert first_out.wait(60)  # the first has left: its switches are undone
+            model(images)
+            counts["second"] = len(rec.records)
+
+    with torch.no_grad():
+        threads = [threading.Thread(target=second), threading.Thread(target=first)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert counts == {"first": 3, "second": 3}

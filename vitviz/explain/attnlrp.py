@@ -77,6 +77,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import Adapter, adapter_for
+from vitviz.explain.hooks import exclusive
 from vitviz.explain.layout import check_images, resolve_target
 from vitviz.explain.lrp_rules import (
     RMS_NORMS,
@@ -307,28 +308,29 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
     if why is not None:
         raise ExplainError(why)
     rules = Rules()
-    try:
-        modules = [m for _, root in _roots(adapter.model) for m in root.modules()]
-        for m in modules:
-            kind = type(m).__name__
-            if isinstance(m, nn.LayerNorm) or kind in RMS_NORMS:
-                rules.forward(m, norm_rule)
-            elif kind in _ACTIVATIONS:
-                rules.forward(m, activation_rule)
-            elif _is(m, "vitviz.models.clip", "L2Normalize"):
-                rules.forward(m, l2_rule)
-            elif _is(m, "timm.layers.mlp", "SwiGLU", "GluMlp"):  # act(a) * b: the uniform rule, half to each
-                rules.pre(m.drop1, scale_input(0.5))
-            elif _is(m, "timm.models.beit", "RelativePositionBias"):  # shared by every block: see _attention_rules
-                rules.forward(m, scale_output(2.0))
-        # after the norm rules: a norm rule rebuilds its output from its input, so a hook on the same
-        # module (timm's q_norm) must run after it to act on the rebuilt output
-        for m in modules:
-            if _is_attention(m):
-                _attention_rules(m, rules)
-        yield
-    finally:
-        rules.undo()
+    with exclusive():  # its attribute switches (timm BEiT) and another call's would undo each other
+        try:
+            modules = [m for _, root in _roots(adapter.model) for m in root.modules()]
+            for m in modules:
+                kind = type(m).__name__
+                if isinstance(m, nn.LayerNorm) or kind in RMS_NORMS:
+                    rules.forward(m, norm_rule)
+                elif kind in _ACTIVATIONS:
+                    rules.forward(m, activation_rule)
+                elif _is(m, "vitviz.models.clip", "L2Normalize"):
+                    rules.forward(m, l2_rule)
+                elif _is(m, "timm.layers.mlp", "SwiGLU", "GluMlp"):  # act(a) * b: the uniform rule, half to each
+                    rules.pre(m.drop1, scale_input(0.5))
+                elif _is(m, "timm.models.beit", "RelativePositionBias"):  # shared by every block: see _attention_rules
+                    rules.forward(m, scale_output(2.0))
+            # after the norm rules: a norm rule rebuilds its output from its input, so a hook on the same
+            # module (timm's q_norm) must run after it to act on the rebuilt output
+            for m in modules:
+                if _is_attention(m):
+                    _attention_rules(m, rules)
+            yield
+        finally:
+            rules.undo()
 
 
 def attnlrp_details(model: nn.Module, x: torch.Tensor,

@@ -5,16 +5,24 @@ caches one per process). Hooks live on the module, so a recording or a rule put 
 otherwise also run in another thread's forward pass at the same moment: its attention would land in
 the wrong recording, its gradients would follow the wrong rules. Every hook vitviz registers is
 wrapped by :func:`this_thread`, so other threads run the model as if the hook were not there.
+
+Some calls also switch a module's attributes for their duration (timm's ``fused_attn``, a transformers
+config's attention implementation). Two such calls at once would restore each other's switches in the
+wrong order, so they take :func:`exclusive` for their whole duration: one at a time per process.
+Plain forward passes take no lock; a switch changes only how they compute, never what.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["this_thread"]
+__all__ = ["exclusive", "this_thread"]
+
+_SWITCHES = threading.RLock()  # re-entrant: a call may nest another (a recording inside AttnLRP's rules)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,3 +38,10 @@ def this_thread(hook: F) -> F:
         return hook(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+@contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold the process-wide lock of calls that switch module attributes for their duration."""
+    with _SWITCHES:
+        yield

@@ -18,7 +18,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters.base import _RECORD_ONLY
-from vitviz.explain.hooks import this_thread
+from vitviz.explain.hooks import exclusive, this_thread
 
 __all__ = ["attention_layers", "eager_recorder", "first_layernorm", "is_hf"]
 
@@ -68,24 +68,26 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
     configs = {id(m.config): m.config for _, m in modules}
     saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs.values()]
     handles = []
-    try:
-        for config in configs.values():
-            # the private field behind the ``_attn_implementation`` property: its setter would also
-            # rewrite sub-configs, which the attention modules of a vision tower do not read
-            config._attn_implementation_internal = "eager"
-        for name, module in hooked:
-            def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
-                     module: nn.Module = module) -> None:
-                weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-                if not isinstance(weights, torch.Tensor):
-                    raise ExplainError(f"{name} ({type(module).__name__}) returned no attention weights on its "
-                                       "eager path; this transformers version is not supported for attention methods.")
-                on_record(name, module, weights)
+    with exclusive():  # the config switches of two calls at once would undo each other
+        try:
+            for config in configs.values():
+                # the private field behind the ``_attn_implementation`` property: its setter would also
+                # rewrite sub-configs, which the attention modules of a vision tower do not read
+                config._attn_implementation_internal = "eager"
+            for name, module in hooked:
+                def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
+                         module: nn.Module = module) -> None:
+                    weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+                    if not isinstance(weights, torch.Tensor):
+                        raise ExplainError(f"{name} ({type(module).__name__}) returned no attention weights on "
+                                           "its eager path; this transformers version is not supported for "
+                                           "attention methods.")
+                    on_record(name, module, weights)
 
-            handles.append(module.register_forward_hook(this_thread(hook)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for config, previous in saved:
-            config._attn_implementation_internal = previous
+                handles.append(module.register_forward_hook(this_thread(hook)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for config, previous in saved:
+                config._attn_implementation_internal = previous
