@@ -170,6 +170,15 @@ class CheckpointEntry:
         return f"{stem} — {' · '.join(parts)}"
 
 
+def display_path(folder: str | os.PathLike) -> str:
+    """``folder`` as a person reads it: relative to the working directory when inside it, else as given."""
+    path = Path(folder).expanduser()
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
 def folder_fingerprint(folder: str | os.PathLike) -> tuple[tuple[str, int, int], ...]:
     """(name, mtime_ns, size) of the checkpoint-like files in ``folder``: a cache key that changes with them."""
     root = Path(folder).expanduser()

@@ -63,16 +63,20 @@ def _rows(rep: dict, extra: dict[str, str] | None = None) -> list[dict[str, Any]
     return [{**(extra or {}), **{COLUMNS.get(k, k): v for k, v in row.items()}} for row in table_rows(rep)]
 
 
+def _slow_toggle(slow: list[str], key: str) -> bool:
+    """One toggle naming the slow methods (each costs many passes); False when there are none."""
+    if not slow:
+        return False
+    from vitviz.explain import METHOD_LABELS
+
+    names = ", ".join(dict.fromkeys(METHOD_LABELS.get(m, m).split(" (")[0] for m in slow))
+    return st.toggle(f"Include the slow methods ({names})", key=key,
+                     help="Each costs dozens to thousands of model passes per image (the registry's cost).")
+
+
 def _methods_choice(model: Any, size: int, methods: list[str], key: str) -> list[str]:
     fast, slow = _split(methods, model, size)
-    if slow:
-        from vitviz.explain import METHOD_LABELS
-
-        names = ", ".join(METHOD_LABELS.get(m, m).split(" (")[0] for m in slow)
-        if st.toggle(f"Include the slow methods ({names})", key=f"{key}_slow",
-                     help="Each costs dozens to thousands of model passes per image (the registry's cost)."):
-            return fast + slow
-    return fast
+    return fast + slow if _slow_toggle(slow, f"{key}_slow") else fast
 
 
 def _verdict(rep: dict) -> None:
@@ -142,13 +146,14 @@ def compare_panel(models: list[state.Loaded], picture: state.Picture, dataset: s
                            help="Re-draws the model's weights from the head down and measures how much each map "
                                 "changes (Adebayo et al. 2018): a map that barely changes does not depend on what "
                                 "the model learned. On 4 of the images.")
+    scored = [m for m in models if m.info.has_head]
+    split = {m.key: _split(state.methods(m, saliency_only=True), m.model, m.info.img_size) for m in scored}
+    slow = _slow_toggle([name for _, s in split.values() for name in s], "trust_slow")  # one for every model
     rows, reports = [], {}
     with st.spinner("Deleting, inserting and imputing patches for every method…"):
-        for loaded in models:
-            if not loaded.info.has_head:
-                continue
-            methods = _methods_choice(loaded.model, loaded.info.img_size, state.methods(loaded, saliency_only=True),
-                                      f"trust_{ds.short_name(loaded.info)}")
+        for loaded in scored:
+            fast, slow_ones = split[loaded.key]
+            methods = fast + slow_ones if slow else fast
             rep = report(loaded.key, tuple(p.key for p in pictures), tuple(methods),
                          4 if sanity and which == "set" else 0, loaded, pictures)
             reports[ds.short_name(loaded.info)] = rep

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from dashboard import support as ds  # noqa: E402
-from vitviz.images import fit_image  # noqa: E402
+from dashboard import support as ds
+from vitviz.images import fit_image
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +140,13 @@ def test_faithfulness_summary():
     assert out["deletion_auc"] == pytest.approx(0.3) and out["pointing_game"] == 0.5 and out["images"] == 2
     row = ds.faithfulness_row("m", "ViT", "Rollout", out)
     assert row["Pointing game ↑"] == 50.0 and row["Mask IoU ↑"] == 0.3
+
+
+def test_display_path_is_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    inside = tmp_path / "runs" / "ckpts"
+    inside.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert ds.display_path(inside) == str(Path("runs") / "ckpts")
+    assert ds.display_path(tmp_path) == "."
+    elsewhere = tmp_path.parent
+    assert ds.display_path(elsewhere) == str(elsewhere)  # outside: as given

@@ -73,3 +73,15 @@ def test_compare_scores_every_model_and_the_sample(app):
     rows = table(app)
     assert "—" not in set(rows["Sanity ρ ↓"])  # every method's sanity check is reported
     assert all("[" in cell for cell in rows["Deletion AUC ↓"])  # 8 images: bootstrap intervals
+
+
+def test_compare_has_one_slow_methods_toggle_for_every_model(app):
+    app.switch_page("pages/compare.py").run()
+    clean(app)
+    toggles = [t for t in app.toggle if t.label.startswith("Include the slow methods")]
+    assert [t.key for t in toggles] == ["trust_slow"]
+    app.toggle(key="trust_slow").set_value(True).run()
+    clean(app)
+    expected = sum(len(fast) + len(slow) for fast, slow in (fast_and_slow(f"{family}_shapes")
+                                                           for family in ("vit", "hybrid", "resnet")))
+    assert len(table(app)) == expected

@@ -170,7 +170,8 @@ with ui.guard("the Compare page"):
     device = st.session_state.get("device", "cpu")
     models = [state.load_checkpoint(e.path, e.key, device) for e in chosen]
     infos = [m.info for m in models]
-    st.caption(f"{len(models)} checkpoints from {folder}: " + ", ".join(ds.short_name(i) for i in infos))
+    st.caption(f"{len(models)} checkpoints from {ds.display_path(folder)}: "
+               + ", ".join(ds.short_name(i) for i in infos))
     scores_section(infos)
     curves_section(infos)
     confusion_section(infos)
