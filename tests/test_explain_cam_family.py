@@ -1,11 +1,12 @@
-"""The CAM family against pytorch-grad-cam called directly, with the boilerplate its users write by hand."""
+"""The CAM family (and vitviz's own Grad-CAM) against pytorch-grad-cam called directly, with the boilerplate its users
+write by hand."""
 
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
-from pytorch_grad_cam import EigenCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from test_explain_capture import randomize, tiny_timm_vit, tiny_vit
 from test_explain_methods import tiny_resnet
@@ -13,8 +14,8 @@ from test_explain_methods import tiny_resnet
 from vitviz.errors import ExplainError
 from vitviz.explain import explain, explain_details
 
-CLASSES = {"gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "scorecam": ScoreCAM, "eigencam": EigenCAM,
-           "layercam": LayerCAM}
+CLASSES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "scorecam": ScoreCAM,
+           "eigencam": EigenCAM, "layercam": LayerCAM}
 
 
 def vit_reshape(t: torch.Tensor) -> torch.Tensor:
