@@ -30,15 +30,15 @@ MUST = {
     "HF DINOv2 + registers, headless": HEADLESS, "HF CLIP tower, headless": HEADLESS,
     "HF SigLIP tower, headless": HEADLESS, "HF Swin": GRID_ONLY,
 }
-# AttnLRP and LeGrad must run on every flat transformer with a classifier head (vitviz.explain.attnlrp);
-# elsewhere they are refused with the reason.
-RELEVANCE = {"attnlrp", "legrad"}
+# LeGrad must run on every flat transformer with a classifier head, AttnLRP also on Swin
+# (vitviz.explain.attnlrp); elsewhere they are refused with the reason.
 FLAT_WITH_HEAD = {
     "ViT", "ViT (augreg)", "ViT, registers + gap", "ViT, gap", "ViT, res-post-norm", "ViT, parallel branches",
     "FlexiViT", "DeiT", "DeiT (distilled)", "DeiT-III", "DINOv2 + registers", "CLIP", "SigLIP (attention pool)",
     "EVA", "EVA-02", "ViT, rotary (EVA class)", "BEiT", "BEiT-v2", "HF ViT", "HF DeiT (distilled)", "HF BEiT",
     "HF DINOv2",
 }
+ATTNLRP = FLAT_WITH_HEAD | {"Swin", "HF Swin"}
 # Fig. 7 analyses that must work: filters where the stem is a linear patch projection, positions where
 # they are learned absolute embeddings, distance wherever there is token attention.
 FIG7 = {
@@ -59,7 +59,7 @@ FIG7 = {
 def test_the_list_covers_at_least_40_models_and_every_family():
     assert len(COVERAGE_MODELS) >= 40
     families = {m.family for m in COVERAGE_MODELS}
-    assert set(MUST) <= families and set(FIG7) <= families and set(FLAT_WITH_HEAD) <= families
+    assert set(MUST) <= families and set(FIG7) <= families and set(ATTNLRP) <= families
 
 
 @pytest.mark.parametrize("entry", COVERAGE_MODELS, ids=lambda e: e.name)
@@ -82,7 +82,8 @@ def test_every_method_works_or_is_refused_with_a_reason(entry):
         if o.status == "refused":
             assert len(o.detail) > 20, f"{what}: a refusal must say why ({o.detail!r})"
     must = MUST.get(entry.family, ALL_METHODS) | FIG7.get(entry.family, set())
-    must |= RELEVANCE if entry.family in FLAT_WITH_HEAD else set()
+    must |= {"legrad"} if entry.family in FLAT_WITH_HEAD else set()
+    must |= {"attnlrp"} if entry.family in ATTNLRP else set()
     not_ok = {k: outcomes[k].detail for k in must if outcomes[k].status != "ok"}
     assert not not_ok, not_ok
 

@@ -77,7 +77,17 @@ BUILDERS = {
                            layer_scale_init_value=0.5),
     "hf-dinov2-registers": lambda: _hf("Dinov2WithRegisters", num_register_tokens=2),
     "hf-clip-prompts": lambda: _clip_prompts(),
+    "timm-swin": lambda: _swin(),
+    "hf-swin": lambda: _hf("Swin", embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=2),
 }
+
+
+def _swin() -> nn.Module:
+    """Two stages of two blocks: the second block of each shifts its windows (and masks across the seam)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(img_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=2,
+                           num_classes=4)
 # Hugging Face computes its eager softmax in float32 (then casts back), so its float64 accounting holds to
 # float32 rounding of the attention weights.
 HF_TOL = 1e-5
@@ -101,9 +111,9 @@ def _beit(**kw) -> nn.Module:
 def _hf_config(kind: str, **kw):
     import transformers
 
-    cfg = getattr(transformers, f"{kind}Config")(
-        image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, **kw)
+    flat = {} if kind == "Swin" else {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                      "intermediate_size": 32}  # Swin takes per-stage lists instead
+    cfg = getattr(transformers, f"{kind}Config")(image_size=16, patch_size=2 if kind == "Swin" else 4, **flat, **kw)
     cfg._attn_implementation = "eager"  # the accounting reads the softmax weights (SDPA never forms them)
     return cfg
 
@@ -331,7 +341,8 @@ def test_matches_lxt_explicit_rules(name):
 
 # --- maps, targets, batches --------------------------------------------------------------------------------
 
-SAMPLE = ["ours", "timm-token", "eva-rope-swiglu-registers", "beit-relative-bias", "hf-vit", "hf-clip-prompts"]
+SAMPLE = ["ours", "timm-token", "eva-rope-swiglu-registers", "beit-relative-bias", "timm-swin", "hf-vit",
+          "hf-swin", "hf-clip-prompts"]
 
 
 @pytest.mark.parametrize("name", SAMPLE)
@@ -430,7 +441,6 @@ def test_forward_values_under_the_rules_are_the_models_own():
 # --- refusals ---------------------------------------------------------------------------------------------
 
 def test_refuses_models_it_does_not_cover_with_the_reason():
-    import timm
     from timm.models.eva import EvaAttention
 
     gated = _eva()
@@ -439,9 +449,7 @@ def test_refuses_models_it_does_not_cover_with_the_reason():
         "CNN": vitviz.create_model("resnet18_32", layers=(1, 1, 1), width=8, num_classes=5),
         "CNN stem": vitviz.create_model("hybrid_r18_vit_32", backbone_layers=(1, 1, 1), backbone_width=8,
                                         embed_dim=16, depth=1, num_heads=2, num_classes=5),
-        "flat transformers": timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
-                                               embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=2,
-                                               num_classes=3),
+        "covers ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers and Swin": _coverage_model("CaiT"),
         "no classifier head": timm_vit(num_classes=0),
         "gates its output with a sigmoid": gated,
         "functional silu": _hf("Dinov2", use_swiglu_ffn=True),
@@ -449,9 +457,8 @@ def test_refuses_models_it_does_not_cover_with_the_reason():
     for words, model in cases.items():
         why = refusal(model.eval())
         assert why is not None and words in why, (words, why)
-        size = 32 if words in ("CNN", "CNN stem", "flat transformers") else 16
         with pytest.raises(ExplainError, match="AttnLRP"):
-            attnlrp(model, torch.zeros(1, 3, size, size))
+            attnlrp(model, torch.zeros(1, 3, *_size(model)))
     assert refusal(BUILDERS["ours"]()) is None and refusal(BUILDERS["timm-parallel-max"]()) is None
     assert all(refusal(build()) is None for build in BUILDERS.values())
 
@@ -536,3 +543,17 @@ def _glu() -> type:
     from timm.layers import GluMlp
 
     return GluMlp
+
+
+def _coverage_model(family: str) -> nn.Module:
+    from vitviz.coverage import COVERAGE_MODELS, build
+
+    return build(next(e for e in COVERAGE_MODELS if e.family == family))
+
+
+def _size(model: nn.Module) -> tuple[int, int]:
+    """An input size the model takes: its own when it says, else the tiny builds' 16 px (32 for our CNNs)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or getattr(model, "img_size", None)
+    if size is None:
+        return (32, 32) if type(model).__module__.startswith("vitviz") else (16, 16)
+    return (size, size) if isinstance(size, int) else tuple(size)

@@ -1,4 +1,4 @@
-"""AttnLRP (Achtibat et al., ICML 2024): layer-wise relevance propagation through attention, for flat transformers.
+"""AttnLRP (Achtibat et al., ICML 2024): layer-wise relevance propagation through attention, for vision transformers.
 
 Relevance starts as the explained logit and flows back to the pixels, layer by layer, by the paper's rules:
 
@@ -34,6 +34,8 @@ Covered: every transformer whose modules all have a rule here, reached through i
 * timm's ``Eva`` (EVA, EVA-02, RoPE ViTs: rotary embeddings are a fixed linear map of q and k; SwiGLU
   and GLU MLPs, whose product of two branches gets the uniform rule, half to each) and ``Beit`` (a
   relative position bias is an additive bias on the scores);
+* timm's ``SwinTransformer`` and Hugging Face's Swin (window attention: shifted windows and patch
+  merging move and concatenate tokens, the shift mask and relative position bias are additive);
 * Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers) and CLIP vision towers, alone or as a prompt
   classifier (its L2 normalisation gets the identity rule: the norm is a constant).
 
@@ -44,9 +46,10 @@ forward; there the explicit path runs for the call and the halving sits on the s
 (``attn_drop``'s input), which halves the gradient at the scores and so at q and k alike, while the
 relative position bias's gradient is doubled back so that it absorbs what it would under the rule.
 
-Other models are refused with the reason (:func:`refusal`): CNNs and CNN stems, hierarchical and
-windowed transformers (Swin, PVT, Twins, ...), sigmoid gates, torch's ``nn.MultiheadAttention``
-(open_clip, SigLIP's Hugging Face pooling head) and anything without a classifier head.
+Other models are refused with the reason (:func:`refusal`): CNNs and CNN stems, transformers with
+convolutions or other attention inside (PVT, Twins, PiT, LeViT, CaiT, XCiT, Swin-V2's cosine attention,
+...), sigmoid gates, torch's ``nn.MultiheadAttention`` (open_clip, SigLIP's Hugging Face pooling head)
+and anything without a classifier head.
 
 Why not the ``lxt`` package: its efficient patches (``lxt.efficient``) replace *class* methods of
 Hugging Face and torchvision modules for the whole process, with no undo, and cover neither timm's
@@ -92,10 +95,13 @@ from vitviz.explain.lrp_rules import (
 
 __all__ = ["LRPResult", "attnlrp", "attnlrp_details", "lrp_rules", "refusal"]
 
-_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "hf-vit", "clip-prompts")
+_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "timm-swin", "hf-vit", "hf-swin", "clip-prompts")
 # Modules that are linear maps (or identities in eval), so plain gradient x input is their LRP rule;
 # an Embedding is a lookup of additive parameters (CLIP's positions), which absorb.
-_LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout", "Embedding"}
+_LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout", "Embedding", "Flatten",
+           "AdaptiveAvgPool1d", "AdaptiveAvgPool2d"}
+# The softmax module (timm's Swin calls one): its rule is gradient x input, nothing to change.
+_AS_IS = {"Softmax"}
 _ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "ReLU", "Tanh",  # elementwise, f(0) = 0
                 "GELUActivation", "QuickGELUActivation", "NewGELUActivation", "PytorchGELUTanh",
                 "FastGELUActivation", "SiLUActivation"}
@@ -114,15 +120,19 @@ _COVERED = {
     "timm.layers.pos_embed_sincos": {"RotaryEmbeddingCat", "RotaryEmbedding"},
     "timm.models.eva": {"Eva", "EvaBlock", "EvaBlockPostNorm", "EvaAttention"},
     "timm.models.beit": {"Beit", "Block", "Attention", "RelativePositionBias"},
+    "timm.models.swin_transformer": {"SwinTransformer", "SwinTransformerStage", "SwinTransformerBlock",
+                                     "WindowAttention", "PatchMerging"},
+    "timm.layers.classifier": {"ClassifierHead"},
+    "timm.layers.adaptive_avgmax_pool": {"SelectAdaptivePool2d", "FastAdaptiveAvgPool", "AdaptiveAvgPool"},
     "vitviz.models.vit": {"VisionTransformer"},
     "vitviz.models.layers": {"Block", "Attention", "Mlp", "PatchEmbed"},
     "vitviz.models.clip": {"PromptClassifier", "L2Normalize"},
 }
 # Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks.
-_HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model")
+_HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "swin")
 _HF_ENDINGS = ("Model", "ForImageClassification", "ForImageClassificationWithTeacher", "WithProjection",
                "VisionTransformer", "Embeddings", "Encoder", "Layer", "EncoderLayer", "Attention", "MLP",
-               "LayerScale", "Pooler", "RelativePositionBias", "DropPath")
+               "LayerScale", "Pooler", "RelativePositionBias", "DropPath", "Stage", "PatchMerging")
 _HF_REFUSED = {"SwiGLUFFN": "multiplies silu(x1) * x2 with a functional silu that has no module to put the "
                             "identity rule on",
                "ViTPooler": "passes the class token through a dense layer and tanh that have no classifier "
@@ -186,13 +196,15 @@ def _covered(name: str, m: nn.Module) -> str | None:
     kind, home = type(m).__name__, _home(m)
     if _hf_wrapper(m):
         return None  # images in, the wrapped model's logits (or embedding) out
-    if kind in _LINEAR or kind in _ACTIVATIONS or kind in RMS_NORMS or kind in _COVERED.get(home, ()):
+    if kind in _LINEAR or kind in _AS_IS or kind in _ACTIVATIONS or kind in RMS_NORMS or kind in _COVERED.get(home, ()):
         if getattr(m, "gate", None) is not None:
             return f"{name} gates its output with a sigmoid, which has no rule here"
         timm_attention = _is(m, "timm.models.vision_transformer", "Attention") or _is(m, "timm.layers.attention",
                                                                                           "Attention")
         if timm_attention and not isinstance(getattr(m, "q_norm", None), nn.Module):
             return f"{name} has no q_norm / k_norm modules to reach q and k at"
+        if "max" in str(getattr(m, "pool_type", "")):
+            return f"{name} max-pools the features, which has no rule here"
         return None
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
@@ -242,7 +254,7 @@ def refusal(model: nn.Module | Adapter) -> str | None:
         return (f"{what} has a CNN stem (convolutions, batch norm, pooling): AttnLRP's rules cover the transformer, "
                 f"and LRP through a CNN stem needs rules of its own; {_ALTERNATIVES}.")
     if adapter.name not in _ADAPTERS:
-        return (f"AttnLRP in vitviz covers flat transformers (ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers); {what} "
+        return (f"AttnLRP in vitviz covers ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers and Swin; {what} "
                 f"({adapter.name}) has layers with no rule here; "
                 f"{_ALTERNATIVES}.")
     why = _unsupported(adapter.model)
@@ -279,7 +291,7 @@ def _attention_rules(m: nn.Module, rules: Rules) -> None:
         pool = _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
         after = m.norm if isinstance(getattr(m, "norm", None), nn.Module) and not pool else m.proj
         rules.pre(after, scale_input(0.5))
-    else:  # vitviz: q, k are the first two thirds of the qkv projection's output
+    else:  # vitviz, timm's Swin: q, k are the first two thirds of the qkv projection's output
         d = m.qkv.out_features // 3
         scale = torch.cat([torch.full((2 * d,), 0.5), torch.ones(d)]).to(m.qkv.weight.device)  # (3 * d,)
         rules.forward(m.qkv, scale_output(scale))
@@ -291,7 +303,8 @@ def _is_attention(m: nn.Module) -> bool:
             or _is(m, "timm.models.vision_transformer", "Attention")
             or _is(m, "timm.layers.attention", "Attention", "AttentionRope")
             or _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
-            or _is(m, "timm.models.eva", "EvaAttention") or _is(m, "timm.models.beit", "Attention"))
+            or _is(m, "timm.models.eva", "EvaAttention") or _is(m, "timm.models.beit", "Attention")
+            or _is(m, "timm.models.swin_transformer", "WindowAttention"))
 
 
 # --- the rules in place for one call -------------------------------------------------------------------

@@ -297,7 +297,7 @@ def _load_optional() -> None:
         "attnlrp", "AttnLRP (Achtibat et al. 2024)",
         "Layer-wise relevance propagation with the AttnLRP rules for LayerNorm, softmax, matmul and GELU.",
         {**_TARGET, "per": "token"}, "vitviz.explain.registry:run_attnlrp", _fixed(1, 1), models="transformer",
-        like="chefer", check="vitviz.explain.attnlrp:refusal", reference="Achtibat et al., ICML 2024"))
+        check="vitviz.explain.attnlrp:refusal", reference="Achtibat et al., ICML 2024"))
 
 
 def run_attnlrp(_method: str, adapter: Any, x: torch.Tensor, p: dict[str, Any]) -> MapResult:
