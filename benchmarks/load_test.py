@@ -4,13 +4,17 @@ Starts ``streamlit run dashboard/app.py`` on the shipped checkpoints and drives 
 headless-Chromium sessions (Debian's ``/usr/bin/chromium`` through Playwright; one browser process
 per session, each in the foreground, so sessions share nothing but the server). Session ``i`` uploads ``--images``
 different shapes scenes; before image ``j`` it picks shipped model ``(i + j) mod M`` in the sidebar, so
-every session walks through different models at the same time as the others. Per upload it checks:
+every session walks through different models at the same time as the others; after every third upload
+the page is reloaded (a new session). Uploads 1, 4, 7, ... are hurried: the file is dropped as soon as the
+model is picked, while that rerun is on its way or under way (after a reload: the session's second run),
+as a person would; the others wait for the rerun to finish first. Per upload it checks:
 
 * no error in the page (no exception box, no ``st.error``) and none in the server log;
 * the overlay belongs to this session's image: the picture under the map, decoded from the chart's
   SVG and read at each source pixel's centre, equals the session's own image as the model sees it
   (``vitviz.images.fit_image`` at the model's input size) to within 2 of 255 per channel;
-* the time from handing the file over to the overlay of the new image being drawn.
+* that the page takes the file up at all (its name and size appear under the image);
+* the time from handing the file over to the overlay of the new image being drawn (unhurried uploads).
 
 Meanwhile the RSS of the server's process tree is sampled every 0.25 s. At the end Streamlit's own
 ``/_stcore/metrics`` gives the bytes each cache holds, and the script reports the peak RSS against
@@ -43,7 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dashboard.harness import CHROMIUM, CHROMIUM_ARGS, DONE, StreamlitServer  # noqa: E402
+from dashboard.harness import CHROMIUM, CHROMIUM_ARGS, DONE, RERUN_DONE, RUNS_FINISHED, StreamlitServer  # noqa: E402
 
 TIMEOUT_MS = 180_000  # one step on a shared 2-core machine with four sessions queued behind each other
 
@@ -159,9 +163,20 @@ UNDER_MAP = """() => {
 }"""
 
 
-async def wait_done(page) -> None:
-    await page.wait_for_selector(DONE, timeout=TIMEOUT_MS)
+async def next_frame(page) -> None:
     await page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+async def wait_done(page) -> None:
+    """Wait until no script run is under way (the page's first run, once its first chart is drawn)."""
+    await page.wait_for_selector(DONE, timeout=TIMEOUT_MS)
+    await next_frame(page)
+
+
+async def wait_rerun(page, before: int) -> None:
+    """Wait until a run started after ``before = page.evaluate(RUNS_FINISHED)`` has finished (harness.wait_rerun)."""
+    await page.wait_for_function(RERUN_DONE, arg=before, timeout=TIMEOUT_MS)
+    await next_frame(page)
 
 
 async def page_problems(page) -> list[str]:
@@ -204,14 +219,16 @@ def same_picture(got: np.ndarray | None, want: np.ndarray) -> bool:
     return got is not None and int(np.abs(got.astype(int) - want.astype(int)).max()) <= 2
 
 
-async def pick_model(page, stem: str) -> None:
+async def pick_model(page, stem: str, wait: bool = True) -> None:
+    """Choose checkpoint ``stem`` in the sidebar; ``wait``: until the rerun it starts has finished."""
     box = page.locator(".st-key-ckpt_Shipped")
-    if stem in await box.inner_text():  # already chosen: no rerun to wait for
+    if await box.get_by_role("combobox").input_value() == stem:  # already chosen: no rerun to wait for
         return
+    runs = await page.evaluate(RUNS_FINISHED)
     await box.click()
     await page.get_by_role("option", name=stem, exact=True).click()
-    await page.wait_for_timeout(300)  # let the rerun start before waiting for it to end
-    await wait_done(page)
+    if wait:
+        await wait_rerun(page, runs)  # the page reads "not running" until the server starts the rerun
 
 
 async def session(p, url: str, index: int, images: int, models: list[tuple[str, int]], report: dict) -> None:
@@ -233,23 +250,26 @@ async def session(p, url: str, index: int, images: int, models: list[tuple[str, 
             print(f"session {index} upload {j}: {stem}…", flush=True)
             seed = 1000 * (index + 1) + j  # a different image for every session and upload
             png = scene_png(seed)
-            row = {"session": index, "upload": j, "model": stem, "seed": seed, "errors": []}
+            hurried = j % 3 == 1  # the file dropped at once after the model is picked, mid-rerun
+            row = {"session": index, "upload": j, "model": stem, "seed": seed, "hurried": hurried, "errors": []}
             try:
                 row["step"] = "picking the model"
-                await pick_model(page, stem)
+                await pick_model(page, stem, wait=not hurried)
                 row["step"] = "uploading"
+                runs = await page.evaluate(RUNS_FINISHED)
                 start = time.monotonic()
-                # the uploader of the current run (a rerun can leave a stale copy in the page for a moment)
-                await page.locator(".st-key-upload [data-testid=stFileUploaderDropzoneInput]").last.set_input_files(
+                # strict: exactly one uploader (the page re-mounting it mid-run would show two, and lose the file)
+                await page.locator(".st-key-upload [data-testid=stFileUploaderDropzoneInput]").set_input_files(
                     files=[{"name": f"s{index}_{j}.png", "mimeType": "image/png", "buffer": png}])
                 await page.get_by_text(re.compile(rf"s{index}_{j}\.png · 64×64 px")).wait_for()
+                row["taken_up"] = True
                 row["step"] = "waiting for the overlay"
                 want = seen_by_model(png, size)
                 while time.monotonic() - start < TIMEOUT_MS / 1000:
                     if same_picture(await overlay_pixels(page, want.shape), want):
                         break
                     await asyncio.sleep(0.1)
-                await wait_done(page)
+                await wait_rerun(page, runs)  # the overlay is the upload run's: wait for that run to end
                 row["seconds"] = time.monotonic() - start
                 got = await overlay_pixels(page, want.shape, timeout_s=5.0)  # after the run: still its own image
                 row["own_image"] = same_picture(got, want)
@@ -315,13 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     if "Traceback" in log:
         at = log.index("Traceback")
         failed.append({"session": "server", "errors": ["a traceback in the server log: " + log[at:at + 3000]]})
-    times = sorted(u["seconds"] for u in uploads if "seconds" in u)
+    times = sorted(u["seconds"] for u in uploads if "seconds" in u and not u["hurried"])
     rss = [b for _, b in sampler.samples]
     limits = cache_limits()
     summary = {
         "sessions": args.sessions, "images_per_session": args.images, "models": [m for m, _ in models],
         "uploads": len(uploads), "uploads_with_errors": len(failed), "own_image": sum(bool(u.get("own_image"))
                                                                                      for u in uploads),
+        "hurried": sum(u["hurried"] for u in uploads),
+        "hurried_taken_up": sum(u["hurried"] and u.get("taken_up", False) for u in uploads),
         "wall_s": wall, "upload_s_median": statistics.median(times) if times else None,
         "upload_s_p95": times[max(0, round(0.95 * len(times)) - 1)] if times else None,
         "upload_s_max": times[-1] if times else None,
@@ -336,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(uploads)} uploads in {args.sessions} concurrent sessions over {len(models)} models, "
           f"{wall:.0f} s wall")
     print(f"errors: {len(failed)}; overlays showing the session's own image: {summary['own_image']}/{len(uploads)}")
+    print(f"hurried uploads (dropped during the model's rerun) the page took up: {summary['hurried_taken_up']}/"
+          f"{summary['hurried']}")
     if times:
-        print(f"upload -> overlay: median {summary['upload_s_median']:.1f} s, p95 {summary['upload_s_p95']:.1f} s, "
+        print(f"unhurried upload -> overlay: median {summary['upload_s_median']:.1f} s, "
+              f"p95 {summary['upload_s_p95']:.1f} s, "
               f"max {summary['upload_s_max']:.1f} s ({args.sessions} sessions sharing the server's CPU)")
     print(f"server RSS (process tree): idle {summary['rss_idle_mb']:.0f} MB, peak {summary['rss_peak_mb']:.0f} MB "
           f"(first half {summary['rss_first_half_peak_mb']:.0f}, second half "

@@ -19,16 +19,20 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts dashboard
 import pandas  # noqa: E402, F401
 import streamlit as st  # noqa: E402
 
+from dashboard.upload_race import keep_upload_answers  # noqa: E402
 from vitviz.runtime import tune_allocator  # noqa: E402
 
 tune_allocator()  # keep freed tensor memory for reuse: faster forwards and explanations (vitviz/runtime.py)
+keep_upload_answers()  # a file dropped just as a rerun starts is not lost (dashboard/upload_race.py)
 st.set_page_config(page_title="vitviz — what Vision Transformers see", page_icon=":material/blur_on:", layout="wide")
 
 LOADED_ONCE = "vitviz.loaded_once"  # session_state: the session's first run has finished
-loading = None
+# The placeholder is made on every run, not only the first: an element the first run alone drew would shift
+# every later element by one on the second run, and React would re-mount them all, the file uploader too,
+# dropping a file still uploading when the session's second run began (a model picked, a file dropped at once).
+loading = st.empty()
 if not st.session_state.get(LOADED_ONCE):
     # The first run imports PyTorch and loads a model (seconds): say so at once instead of a blank page.
-    loading = st.empty()
     loading.markdown(":material/hourglass_top: **Loading vitviz…** The first open imports PyTorch and loads a "
                      "model; this takes a few seconds.")
 
@@ -52,6 +56,5 @@ PAGES = [
 try:
     st.navigation(PAGES, position="top").run()
 finally:  # also when the page stops early (st.stop: no model yet) or fails
-    if loading is not None:
-        loading.empty()
-        st.session_state[LOADED_ONCE] = True
+    loading.empty()
+    st.session_state[LOADED_ONCE] = True

@@ -24,6 +24,31 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 DONE = "[data-testid=stApp][data-test-script-state=notRunning]"
+# How many script runs (whole page or fragment) the page has finished; the first call installs the counter.
+# A widget change does not mark the page as running until the server answers (a few hundred ms on a busy
+# machine), so waiting for DONE right after a click can pass before the rerun has even begun: count
+# finished runs before the action and wait for the count to grow (RERUN_DONE) instead.
+RUNS_FINISHED = """() => {
+    if (!window.__vitvizRuns) {
+        const runs = window.__vitvizRuns = {finished: 0};
+        const now = () => {
+            const app = document.querySelector('[data-testid=stApp]');
+            return app && app.getAttribute('data-test-script-state');
+        };
+        // Records arrive in batches: each one's oldValue is the state before it, the next one's the state
+        // after it, and the page's attribute the state after the last one.
+        new MutationObserver(records => {
+            const states = records.map(r => r.oldValue).concat([now()]);
+            for (let i = 1; i < states.length; i++) {
+                if (states[i - 1] !== 'notRunning' && states[i] === 'notRunning') runs.finished++;
+            }
+        }).observe(document.documentElement, {subtree: true, attributes: true, attributeOldValue: true,
+                                              attributeFilter: ['data-test-script-state']});
+    }
+    return window.__vitvizRuns.finished;
+}"""
+RERUN_DONE = """(before) => window.__vitvizRuns !== undefined && window.__vitvizRuns.finished > before
+    && document.querySelector('[data-testid=stApp][data-test-script-state=notRunning]') !== null"""
 
 
 def free_port() -> int:
@@ -92,6 +117,17 @@ def launch_chromium(playwright: Any) -> Any:
 def wait_done(page: Any, timeout_ms: float = 120_000) -> None:
     """Wait until the script run the page triggered has finished (and the frame after it is drawn)."""
     page.wait_for_selector(DONE, timeout=timeout_ms)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def runs_finished(page: Any) -> int:
+    """Script runs the page has finished so far: take it before an action, then :func:`wait_rerun`."""
+    return int(page.evaluate(RUNS_FINISHED))
+
+
+def wait_rerun(page: Any, before: int, timeout_ms: float = 120_000) -> None:
+    """Wait until a run the page started after ``before = runs_finished(page)`` has finished, and is drawn."""
+    page.wait_for_function(RERUN_DONE, arg=before, timeout=timeout_ms)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
