@@ -23,8 +23,10 @@ from dashboard.harness import (
     StreamlitServer,
     launch_chromium,
     plot_point,
+    runs_finished,
     screenshot_page,
     wait_done,
+    wait_rerun,
 )
 
 if not os.path.exists(CHROMIUM):
@@ -139,8 +141,9 @@ def test_model_choice_follows_to_other_pages(server, page):
     open_page(page, server.url, ".st-key-overlay")
     page.locator(".st-key-ckpt_Shipped").click()
     option = page.get_by_role("option").filter(has_text=re.compile("hybrid_shapes"))
+    before = runs_finished(page)
     option.first.click()
-    wait_done(page, TIMEOUT_MS)
+    wait_rerun(page, before, TIMEOUT_MS)  # the run the choice started, not the state before it began
     page.get_by_role("link", name="Embeddings").click()
     page.get_by_text("Position embeddings", exact=True).wait_for()
     wait_done(page, TIMEOUT_MS)
