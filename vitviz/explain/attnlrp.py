@@ -128,7 +128,7 @@ _COVERED = {
     "vitviz.models.layers": {"Block", "Attention", "Mlp", "PatchEmbed"},
     "vitviz.models.clip": {"PromptClassifier", "L2Normalize"},
 }
-# Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks.
+# Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks, and Swin.
 _HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "swin")
 _HF_ENDINGS = ("Model", "ForImageClassification", "ForImageClassificationWithTeacher", "WithProjection",
                "VisionTransformer", "Embeddings", "Encoder", "Layer", "EncoderLayer", "Attention", "MLP",
