@@ -3,7 +3,9 @@
     .venv/bin/python docs/calibrate_ood.py checkpoints/*.safetensors
 
 Each checkpoint is calibrated on the dataset it was trained on (its training split for the
-Gaussians, its validation split for the threshold) and its header is rewritten in place. Nothing is
+Gaussians, its validation split for the threshold), both as they are and as upload copies (made at
+1.25-8 times the model's side and resized, ``vitviz.data.uploads.upload_views``), and its header is
+rewritten in place. Nothing is
 retrained: the tensor bytes are hashed before and after, and the script stops with an error if they
 differ. ``vitviz train`` writes the calibration itself; this is for checkpoints written without it.
 """
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 
 from vitviz.checkpoint import load_checkpoint, update_checkpoint_meta  # noqa: E402
 from vitviz.data import load_dataset  # noqa: E402
+from vitviz.data.uploads import upload_views  # noqa: E402
 from vitviz.ood import DEFAULT_KEEP, calibrate  # noqa: E402
 
 
@@ -49,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         before = tensor_digest(path)
         model, meta = load_checkpoint(path)
         data = load_dataset(meta.dataset, img_size=meta.img_size)
+        views = upload_views(meta.dataset, data.train.images, data.val.images)
         cal = calibrate(model, data.train.images, data.val.images, mean=meta.mean, std=meta.std,
-                        method=args.method, keep=args.keep)
+                        method=args.method, keep=args.keep, views=views)
         update_checkpoint_meta(path, ood=cal)
         after = tensor_digest(path)
         if after != before:
             raise SystemExit(f"{path}: the tensor bytes changed ({before} -> {after})")
         print(f"{path}: {cal['method']} calibration, threshold {cal['threshold']:.3f} keeps {cal['keep']:.0%} of "
-              f"{cal['num_val']} validation images; tensor bytes unchanged (sha256 {after[:16]}…)")
+              f"{cal['num_val']} validation images (views: {', '.join(cal['views'])}); tensor bytes unchanged "
+              f"(sha256 {after[:16]}…)")
     return 0
 
 

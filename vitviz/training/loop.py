@@ -30,6 +30,7 @@ from vitviz.checkpoint import load_checkpoint, parse_device, read_checkpoint_met
 from vitviz.config import HybridConfig
 from vitviz.data import Augment, load_dataset, mixup_cutmix, normalize, random_erase
 from vitviz.data.splits import DatasetSplits, Split
+from vitviz.data.uploads import upload_views
 from vitviz.errors import ConfigError, TrainingError, VitvizError
 from vitviz.evaluate import autocast, confusion_and_loss, evaluate
 from vitviz.metrics import classification_report
@@ -481,7 +482,9 @@ class _Run:
                    "test_num_samples": test["num_samples"], "train_time_s": round(self.state.train_time_s, 3),
                    "cpu_time_s": round(self.state.cpu_time_s, 3)}
         ood = calibrate_ood(best_model, self.data.train.images, self.data.val.images, mean=self.data.mean,
-                            std=self.data.std, batch_size=self.config.eval_batch_size) if len(self.data.val) else None
+                            std=self.data.std, batch_size=self.config.eval_batch_size,
+                            views=upload_views(self.data.name, self.data.train.images, self.data.val.images),
+                            ) if len(self.data.val) else None
         self._save(BEST, best_model, metrics, ood=ood, test_per_class=test["per_class"],
                    confusion_matrix=test["confusion_matrix"])
         summary = {"model": self.config.model, "family": self.family, "dataset": self.data.name,
