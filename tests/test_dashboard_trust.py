@@ -51,6 +51,7 @@ def test_explore_scores_every_method_on_request(app):
     assert len(rows) == len(fast) and list(rows["Rank"]) == list(range(1, len(fast) + 1))
     assert {"Deletion AUC ↓", "Insertion AUC ↑", "ROAD AUC ↓", "Pointing game ↑", "Cost"} <= set(rows.columns)
     assert all(" vs " in cell for cell in rows["ROAD AUC ↓"])  # random maps beside every number
+    assert not any("[" in cell for cell in rows["Deletion AUC ↓"])  # one image: no interval to show
     verdicts = [m.value for m in [*app.success, *app.warning] if "Trust" in m.value]
     assert len(verdicts) == 1 and "for this model" in verdicts[0]
     assert slow, "the demo ViT has slow methods (RISE, occlusion, ...)"

@@ -682,10 +682,10 @@ def verdict(report: Mapping[str, Any]) -> str:
 
 # --- rendering ----------------------------------------------------------------------------------------------
 
-def _cell(s: Mapping[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+def _cell(s: Mapping[str, Any], scale: float = 1.0, digits: int = 3, interval: bool = True) -> str:
     mark = " ✓" if s.get("beats_random") else ""
-    return (f"{s['mean'] * scale:.{digits}f} [{s['low'] * scale:.{digits}f}, {s['high'] * scale:.{digits}f}] "
-            f"vs {s['random'] * scale:.{digits}f}{mark}")
+    spread = f" [{s['low'] * scale:.{digits}f}, {s['high'] * scale:.{digits}f}]" if interval else ""
+    return f"{s['mean'] * scale:.{digits}f}{spread} vs {s['random'] * scale:.{digits}f}{mark}"
 
 
 def table_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -696,7 +696,9 @@ def table_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         for k in report["metrics"]:
             label, better = METRICS[k]
             scale, digits = (100.0, 1) if k == "pointing_game" else (1.0, 3)
-            row[f"{label} {'↑' if better else '↓'}"] = _cell(e["metrics"][k], scale, digits)
+            # one image has no spread to resample: its "interval" would be the value twice
+            row[f"{label} {'↑' if better else '↓'}"] = _cell(e["metrics"][k], scale, digits,
+                                                            interval=report.get("images", 2) > 1)
         s = e.get("sanity")
         row["sanity ρ ↓"] = "—" if s is None else f"{s['final']:.2f}" + (" ⚠ flagged" if s["flagged"] else "")
         row["cost (passes)"] = e["cost"] or "—"
