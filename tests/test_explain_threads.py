@@ -109,3 +109,27 @@ def test_two_recordings_at_once_take_turns_and_both_see_every_block():
         for t in threads:
             t.join(60)
     assert counts == {"first": 3, "second": 3}
+
+
+def test_an_open_clip_recording_ignores_another_threads_forward():
+    # open_clip's attention is torch's nn.MultiheadAttention: the recording replaces its forward for the call
+    from test_clip_prompts import ARCH, PROMPTS, SIZE, TINY
+
+    import vitviz
+
+    torch.manual_seed(0)
+    model = vitviz.create_model(f"open_clip:{ARCH}", prompts=PROMPTS, **TINY)
+    adapter = adapter_for(model)
+    size = SIZE
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+    def inside(rec) -> tuple[int, int]:
+        before = len(rec.records)
+        model(images)
+        return before, len(rec.records)
+
+    with torch.no_grad():
+        theirs, (before, after) = while_on(lambda: adapter.recording(size, size), inside, lambda: model(images))
+        plain = model(images)
+    assert (before, after) == (0, adapter.depth())
+    torch.testing.assert_close(theirs, plain)

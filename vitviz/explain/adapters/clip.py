@@ -16,6 +16,7 @@ output projection) that keeps its weights in the graph; the instance attribute i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,7 +41,7 @@ from vitviz.explain.adapters.base import (
     hooked_forward,
     readout_vector,
 )
-from vitviz.explain.hooks import this_thread
+from vitviz.explain.hooks import exclusive, this_thread
 
 
 def _is_prompt_classifier(model: nn.Module) -> bool:
@@ -157,11 +158,17 @@ def _is_open_clip_vit(model: nn.Module) -> bool:
 
 
 def _explicit_mha(mha: nn.MultiheadAttention, keep: list[torch.Tensor]):  # noqa: ANN202
-    """An ``nn.MultiheadAttention.forward`` for self-attention that keeps its softmax weights in the graph."""
+    """An ``nn.MultiheadAttention.forward`` for self-attention that keeps its softmax weights in the graph.
+
+    Only in the thread that installs it: other threads sharing the model run torch's own forward.
+    """
     heads = mha.num_heads
+    owner = threading.get_ident()
 
     def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: object,
                 attn_mask: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+        if threading.get_ident() != owner:
+            return type(mha).forward(mha, query, key, value, *args, attn_mask=attn_mask, **kwargs)
         if not (query is key is value):
             raise ExplainError("vitviz records self-attention only; this block attends across two inputs.")
         x = query if mha.batch_first else query.transpose(0, 1)  # (B, N, D)
@@ -255,27 +262,29 @@ class OpenClipViT(Adapter):
         only = _RECORD_ONLY.get()
         patched: list[nn.Module] = []
         handles = []
-        try:
-            for i, blk in enumerate(self._blocks()):
-                if only is not None and i not in only:
-                    continue
-                keep: list[torch.Tensor] = []
-                blk.attn.forward = _explicit_mha(blk.attn, keep)  # an instance attribute, deleted below
-                patched.append(blk.attn)
+        with exclusive():  # it replaces each attention's forward for the call
+            try:
+                for i, blk in enumerate(self._blocks()):
+                    if only is not None and i not in only:
+                        continue
+                    keep: list[torch.Tensor] = []
+                    blk.attn.forward = _explicit_mha(blk.attn, keep)  # an instance attribute, deleted below
+                    patched.append(blk.attn)
 
-                def on_forward(_m: nn.Module, _inputs: object, _out: object, i: int = i,
-                               keep: list[torch.Tensor] = keep) -> None:
-                    w = keep.pop()
-                    rec.records.append(AttentionRecord(weights=reduce(w) if reduce else w, queries=tokens,
-                                                       keys=tokens, name=f"transformer.resblocks.{i}.attn", block=i))
+                    def on_forward(_m: nn.Module, _inputs: object, _out: object, i: int = i,
+                                   keep: list[torch.Tensor] = keep) -> None:
+                        w = keep.pop()
+                        rec.records.append(AttentionRecord(
+                            weights=reduce(w) if reduce else w, queries=tokens, keys=tokens,
+                            name=f"transformer.resblocks.{i}.attn", block=i))
 
-                handles.append(blk.attn.register_forward_hook(this_thread(on_forward)))
-            yield rec
-        finally:
-            for handle in handles:
-                handle.remove()
-            for mha in patched:
-                mha.__dict__.pop("forward", None)
+                    handles.append(blk.attn.register_forward_hook(this_thread(on_forward)))
+                yield rec
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for mha in patched:
+                    mha.__dict__.pop("forward", None)
 
     def _to_map(self, x: torch.Tensor):  # noqa: ANN202
         tokens = self.final_tokens(x.shape[-2], x.shape[-1])
