@@ -80,11 +80,10 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters import Adapter, adapter_for
-from vitviz.explain.hooks import exclusive
+from vitviz.explain.hooks import Installed, exclusive
 from vitviz.explain.layout import check_images, resolve_target
 from vitviz.explain.lrp_rules import (
     RMS_NORMS,
-    Rules,
     activation_rule,
     l2_rule,
     norm_rule,
@@ -265,7 +264,7 @@ def refusal(model: nn.Module | Adapter) -> str | None:
 
 # --- the uniform rule on attention's two matmuls -------------------------------------------------------
 
-def _attention_rules(m: nn.Module, rules: Rules) -> None:
+def _attention_rules(m: nn.Module, rules: Installed) -> None:
     """Put the uniform rule on an attention's q @ k^T and attn @ v, at their factors and product.
 
     q @ k^T: the gradient at q and k is halved; attn @ v: the gradient at the product is halved,
@@ -320,7 +319,7 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
     why = refusal(adapter)
     if why is not None:
         raise ExplainError(why)
-    rules = Rules()
+    rules = Installed()
     with exclusive():  # its attribute switches (timm BEiT) and another call's would undo each other
         try:
             modules = [m for _, root in _roots(adapter.model) for m in root.modules()]

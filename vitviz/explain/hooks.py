@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["exclusive", "this_thread"]
+__all__ = ["Installed", "exclusive", "this_thread"]
 
 _SWITCHES = threading.RLock()  # re-entrant: a call may nest another (a recording inside AttnLRP's rules)
 
@@ -45,3 +45,39 @@ def exclusive() -> Iterator[None]:
     """Hold the process-wide lock of calls that switch module attributes for their duration."""
     with _SWITCHES:
         yield
+
+
+class Installed:
+    """The hooks and attribute switches one call puts on a model; :meth:`undo` removes them all, last first.
+
+    Hooks act in the installing thread only (:func:`this_thread`); a switch is an instance attribute
+    (``fused_attn``, a wrapped method, a config's attention implementation) whose previous value comes back.
+    """
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._saved: list[tuple[Any, str, object]] = []
+
+    def forward(self, module: Any, hook: Callable) -> None:
+        self._handles.append(module.register_forward_hook(this_thread(hook)))
+
+    def pre(self, module: Any, hook: Callable) -> None:
+        self._handles.append(module.register_forward_pre_hook(this_thread(hook)))
+
+    def set(self, obj: Any, name: str, value: object) -> None:
+        """Set an instance attribute for the call; :meth:`undo` restores it (or removes it if it was not set)."""
+        self._saved.append((obj, name, obj.__dict__.get(name, self._MISSING)))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        for h in reversed(self._handles):
+            h.remove()
+        for obj, name, previous in reversed(self._saved):
+            if previous is self._MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+        self._handles.clear()
+        self._saved.clear()

@@ -2,21 +2,18 @@
 
 Each rule keeps the forward value of the operation it covers and changes only its backward pass, so
 that ``input * modified gradient`` is the relevance the paper's rule gives (Achtibat et al., ICML 2024).
-:mod:`vitviz.explain.attnlrp` decides which module of a model gets which rule; :class:`Rules` holds
-every hook and instance attribute it sets, and undoes them all.
+:mod:`vitviz.explain.attnlrp` decides which module of a model gets which rule, and puts them on with
+:class:`vitviz.explain.hooks.Installed`, which undoes them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from vitviz.explain.hooks import this_thread
-
-__all__ = ["Rules", "activation_rule", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
+__all__ = ["activation_rule", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
 
 RMS_NORMS = {"RmsNorm", "RMSNorm"}
 
@@ -148,35 +145,3 @@ def scale_returned(fn: Callable[[], torch.Tensor], scale: float) -> Callable[[],
         out = fn()
         return _ScaleGradient.apply(out, torch.tensor(scale, dtype=out.dtype, device=out.device))
     return wrapped
-
-
-class Rules:
-    """The hooks and instance attributes one AttnLRP call puts on a model; :meth:`undo` removes them all."""
-
-    _MISSING = object()
-
-    def __init__(self) -> None:
-        self._handles: list[Any] = []
-        self._saved: list[tuple[nn.Module, str, object]] = []
-
-    def forward(self, module: nn.Module, hook: Callable) -> None:
-        self._handles.append(module.register_forward_hook(this_thread(hook)))
-
-    def pre(self, module: nn.Module, hook: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(this_thread(hook)))
-
-    def set(self, module: nn.Module, name: str, value: object) -> None:
-        """Set an instance attribute for the call (``fused_attn``, a wrapped method); restored by :meth:`undo`."""
-        self._saved.append((module, name, module.__dict__.get(name, self._MISSING)))
-        setattr(module, name, value)
-
-    def undo(self) -> None:
-        for h in reversed(self._handles):
-            h.remove()
-        for module, name, previous in reversed(self._saved):
-            if previous is self._MISSING:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = previous
-        self._handles.clear()
-        self._saved.clear()

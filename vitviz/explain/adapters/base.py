@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from vitviz.errors import ExplainError
-from vitviz.explain.hooks import exclusive, this_thread
+from vitviz.explain.hooks import Installed, exclusive, this_thread
 
 __all__ = [
     "Adapter", "AttentionRecord", "CamForward", "Layer", "LayerSplit", "Recording", "Reduce", "Tokens", "as_map",
@@ -469,9 +469,7 @@ def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
     only = _RECORD_ONLY.get()
     if only is not None:  # the other layers keep their fused kernel and are not recorded
         modules = [m for i, m in enumerate(modules) if i in only]
-    missing = object()
-    saved: list[tuple[nn.Module, object]] = []
-    handles = []
+    installed = Installed()
     with exclusive():  # the fused_attn switches of two calls at once would undo each other
         try:
             for name, module in modules:
@@ -479,23 +477,16 @@ def attn_drop_recorder(modules: Sequence[tuple[str, nn.Module]],
                 if not isinstance(drop, nn.Module):
                     raise ExplainError(f"{name} ({type(module).__name__}) has no attn_drop to record attention at.")
                 if hasattr(module, "fused_attn"):
-                    saved.append((module, module.__dict__.get("fused_attn", missing)))
-                    module.fused_attn = False
+                    installed.set(module, "fused_attn", False)
 
                 def hook(_m: nn.Module, inputs: tuple, _out: object, name: str = name,
                          module: nn.Module = module) -> None:
                     on_record(name, module, inputs[0])
 
-                handles.append(drop.register_forward_hook(this_thread(hook)))
+                installed.forward(drop, hook)
             yield
         finally:
-            for h in handles:
-                h.remove()
-            for module, previous in saved:
-                if previous is missing:
-                    module.__dict__.pop("fused_attn", None)
-                else:
-                    module.fused_attn = previous
+            installed.undo()
 
 
 def as_map(features: torch.Tensor) -> torch.Tensor:

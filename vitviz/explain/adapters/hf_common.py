@@ -18,7 +18,7 @@ from torch import nn
 
 from vitviz.errors import ExplainError
 from vitviz.explain.adapters.base import _RECORD_ONLY
-from vitviz.explain.hooks import exclusive, this_thread
+from vitviz.explain.hooks import Installed, exclusive
 
 __all__ = ["attention_layers", "eager_recorder", "first_layernorm", "is_hf"]
 
@@ -66,14 +66,13 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
     only = _RECORD_ONLY.get()
     hooked = [m for i, m in enumerate(modules) if only is None or i in only]
     configs = {id(m.config): m.config for _, m in modules}
-    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs.values()]
-    handles = []
+    installed = Installed()
     with exclusive():  # the config switches of two calls at once would undo each other
         try:
             for config in configs.values():
                 # the private field behind the ``_attn_implementation`` property: its setter would also
                 # rewrite sub-configs, which the attention modules of a vision tower do not read
-                config._attn_implementation_internal = "eager"
+                installed.set(config, "_attn_implementation_internal", "eager")
             for name, module in hooked:
                 def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
                          module: nn.Module = module) -> None:
@@ -84,10 +83,7 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
                                            "attention methods.")
                     on_record(name, module, weights)
 
-                handles.append(module.register_forward_hook(this_thread(hook)))
+                installed.forward(module, hook)
             yield
         finally:
-            for h in handles:
-                h.remove()
-            for config, previous in saved:
-                config._attn_implementation_internal = previous
+            installed.undo()
