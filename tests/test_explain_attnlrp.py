@@ -447,20 +447,20 @@ def test_refuses_models_it_does_not_cover_with_the_reason():
     gated.blocks[1].attn = EvaAttention(16, 2, qkv_bias=True, gated=True, norm_layer=nn.LayerNorm)
     cases = {
         "CNN": vitviz.create_model("resnet18_32", layers=(1, 1, 1), width=8, num_classes=5),
-        "CNN stem": vitviz.create_model("hybrid_r18_vit_32", backbone_layers=(1, 1, 1), backbone_width=8,
-                                        embed_dim=16, depth=1, num_heads=2, num_classes=5),
-        "covers ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers and Swin": _coverage_model("CaiT"),
+        "ParallelScalingBlock) has no AttnLRP rule": _coverage_model("ViT, parallel scaling"),
+        "training mode": running_stats(MORE["vitviz-hybrid"][0]()).train(),
         "no classifier head": timm_vit(num_classes=0),
         "gates its output with a sigmoid": gated,
         "functional silu": _hf("Dinov2", use_swiglu_ffn=True),
     }
     for words, model in cases.items():
-        why = refusal(model.eval())
+        why = refusal(model if words == "training mode" else model.eval())
         assert why is not None and words in why, (words, why)
         with pytest.raises(ExplainError, match="AttnLRP"):
             attnlrp(model, torch.zeros(1, 3, *_size(model)))
     assert refusal(BUILDERS["ours"]()) is None and refusal(BUILDERS["timm-parallel-max"]()) is None
     assert all(refusal(build()) is None for build in BUILDERS.values())
+    assert all(refusal(build().eval()) is None for build, _, _ in MORE.values())
 
 
 def test_an_open_clip_model_is_refused_with_where_to_load_it_instead():
@@ -557,3 +557,183 @@ def _size(model: nn.Module) -> tuple[int, int]:
     if size is None:
         return (32, 32) if type(model).__module__.startswith("vitviz") else (16, 16)
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+# --- families with convolutions, cosine attention, talking heads, gated attention ----------------------------
+# Each is built tiny in float64 with the size it takes. Their budget reads every softmax (and, for Swin-V2, the
+# sigmoid of its continuous position bias) as the model calls it, with every fused kernel off for the call.
+
+def _timm(name: str, **kw) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=4, **kw)
+
+
+def _cls(module: str, name: str, **kw) -> nn.Module:
+    import importlib
+
+    return getattr(importlib.import_module(f"timm.models.{module}"), name)(num_classes=4, **kw)
+
+
+MORE = {  # name: (builder, input side, absorbing function outputs besides softmax)
+    "cait-talking-heads": (lambda: _cls("cait", "Cait", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                                        depth_token_only=1), 16, ()),
+    "swin-v2-cosine": (lambda: _cls("swin_transformer_v2", "SwinTransformerV2", img_size=16, patch_size=2,
+                                    embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=2), 16, ("sigmoid",)),
+    "pvt-v2-spatial-reduction": (lambda: _cls("pvt_v2", "PyramidVisionTransformerV2", depths=(1, 1),
+                                              embed_dims=(16, 32), num_heads=(1, 2), sr_ratios=(2, 1),
+                                              mlp_ratios=(2, 2)), 16, ()),
+    "pvt-v2-linear": (lambda: _cls("pvt_v2", "PyramidVisionTransformerV2", depths=(1, 1), embed_dims=(16, 32),
+                                   num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2), linear=True), 16, ()),
+    "twins-svt": (lambda: _timm("twins_svt_small", img_size=16, patch_size=2, embed_dims=(16, 32), num_heads=(1, 2),
+                                depths=(2, 1), sr_ratios=(2, 1), wss=(2, 2), mlp_ratios=(2, 2)), 16, ()),
+    "twins-pcpvt": (lambda: _timm("twins_pcpvt_small", img_size=16, patch_size=2, embed_dims=(16, 32),
+                                  num_heads=(1, 2), depths=(1, 1), sr_ratios=(2, 1), mlp_ratios=(2, 2)), 16, ()),
+    "pit": (lambda: _cls("pit", "PoolingVisionTransformer", img_size=16, patch_size=4, stride=2, base_dims=[8, 8],
+                         depth=[1, 1], heads=[2, 4], mlp_ratio=2), 16, ()),
+    "xcit": (lambda: _cls("xcit", "Xcit", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                          cls_attn_layers=1), 16, ()),
+    "convit-gated": (lambda: _cls("convit", "ConVit", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=4,
+                                  local_up_to_layer=1), 16, ()),
+    "crossvit": (lambda: _cls("crossvit", "CrossVit", img_size=(16, 24), img_scale=(1.0, 1.0), patch_size=(8, 12),
+                              embed_dim=(16, 24), depth=((1, 1, 0),), num_heads=(2, 2), mlp_ratio=(2, 2, 1)), 24, ()),
+    "levit": (lambda: _cls("levit", "Levit", img_size=64, embed_dim=(16, 24), key_dim=4, num_heads=(2, 3),
+                           depth=(1, 1)), 64, ()),
+    "vitviz-hybrid": (lambda: vitviz.create_model("hybrid_r18_vit_32", backbone_layers=(1, 1, 1), backbone_width=8,
+                                                  embed_dim=16, depth=2, num_heads=2, num_classes=4), 32, ()),
+    "timm-hybrid-groupnorm": (lambda: _timm("vit_tiny_r_s16_p8_224", img_size=32, patch_size=4, depth=1), 32, ()),
+}
+# Parameters behind an absorbing constant (a position bias MLP, positional scores, a Fourier position encoding):
+# their share is counted once, at the constant.
+_BEHIND_CONSTANTS = ("cpb_mlp.", "pos_proj.", "pos_embed.token_projection.")
+
+
+def _home(model: nn.Module) -> str:
+    return type(model).__module__.split(".")[0]
+
+
+def running_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with running means off zero and variances off one: their effective bias is real."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64))
+    return model
+
+
+class Outputs(TorchFunctionMode):
+    """The outputs of the named functions (softmax, sigmoid) of the calls inside, still in the autograd graph."""
+
+    NAMES = {"softmax": (torch.softmax, torch.Tensor.softmax, F.softmax),
+             "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid)}
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.funcs = {f: n for n in names for f in self.NAMES[n]}
+        self.outputs: list[tuple[str, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.funcs and out.requires_grad:
+            self.outputs.append((self.funcs[func], out))
+        return out
+
+
+def budget_called(model: nn.Module, x: torch.Tensor, absorbing: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """:func:`budget` for models whose softmax is read where it is called (explicit attention for the call).
+
+    Shares: pixels; additive parameters; batch norms' running-mean part of their effective bias
+    (-mean * weight / std, times the output's gradient); constants that do not depend on the image (a
+    position-bias sigmoid, positional softmax scores, a Fourier position encoding: value x gradient); and
+    each image-dependent softmax's rule term.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    fused = [(m, m.__dict__.get("fused_attn")) for m in model.modules() if hasattr(m, "fused_attn")]
+    norms, fourier, handles = [], [], []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def keep(mod, _inputs, out):  # the original, passed on as a copy: an in-place ReLU after it would change it
+                norms.append((mod, out))
+                return out.clone()
+
+            handles.append(m.register_forward_hook(keep))
+        if type(m).__name__ == "PositionalEncodingFourier":
+            handles.append(m.register_forward_hook(lambda _m, _i, out: fourier.append(out)))
+    mode = Outputs(("softmax", *absorbing))
+    try:
+        for m, _ in fused:
+            m.fused_attn = False
+        with torch.enable_grad(), lrp_rules(model), mode:
+            # vitviz's attention forms its softmax only on its recorded path
+            logits = adapter_for(model).record_forward(x)[0] if _home(model) == "vitviz" else model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, before in fused:
+            if before is None:
+                del m.fused_attn
+            else:
+                m.fused_attn = before
+    score = logits.gather(1, logits.argmax(-1)[:, None]).sum()
+    additive = [p for n, p in model.named_parameters()  # CrossViT numbers its branches' tokens: cls_token_0
+                if n.rstrip("_0123456789").endswith(_ADDITIVE + ("attention_biases",))
+                and not n.startswith(_BEHIND_CONSTANTS) and not any(f".{c}" in n for c in _BEHIND_CONSTANTS)]
+    outs = [t for _, t in mode.outputs]
+    depends = [torch.autograd.grad(o.sum(), x, retain_graph=True, allow_unused=True)[0] is not None for o in outs]
+    tensors = [x, *additive, *[o for _, o in norms], *fourier, *outs]
+    grads = torch.autograd.grad(score, tensors, allow_unused=True)
+    gx, rest = grads[0], list(grads[1:])
+    gp = [rest.pop(0) for _ in additive]
+    gn = [rest.pop(0) for _ in norms]
+    gf = [rest.pop(0) for _ in fourier]
+    params = sum((p.detach() * g).sum() for p, g in zip(additive, gp, strict=True) if g is not None)
+    for (bn, _), g in zip(norms, gn, strict=True):
+        if g is not None:
+            weight = bn.weight if bn.weight is not None else 1.0
+            shift = -bn.running_mean * weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
+            params = params + (g * shift.detach().reshape((1, -1) + (1,) * (g.ndim - 2))).sum()
+    constants = sum((f.detach() * g).sum() for f, g in zip(fourier, gf, strict=True) if g is not None)
+    softmax = torch.zeros((), dtype=x.dtype)
+    for (kind, s), g, on_image in zip(mode.outputs, rest, depends, strict=True):
+        if g is None:
+            continue
+        if kind == "sigmoid" or not on_image:  # a constant added to the scores (times a constant gate)
+            constants = constants + (s.detach() * g).sum()
+            continue
+        r_out = s.detach() * g
+        r_in = s.detach().log() * (r_out - s.detach() * r_out.sum(-1, keepdim=True))
+        softmax = softmax + r_out.sum() - r_in.sum()
+    return {"logit": score.detach(), "pixels": (x * gx).sum().detach(), "params": params,
+            "constants": constants, "softmax": softmax}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_conserve_relevance_up_to_what_they_absorb(name):
+    build, size, absorbing = MORE[name]
+    model = running_stats(randomize(build().double(), seed=1, bias=0.3))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    b = budget_called(model, x, absorbing)
+    total = b["pixels"] + b["params"] + b["constants"] + b["softmax"]
+    scale = max(abs(float(v)) for v in b.values())
+    assert abs(float(total - b["logit"])) <= 1e-9 * scale, b
+    assert abs(float(b["pixels"])) > 1e-3 * scale  # the pixels carry a real part of it
+    res = attnlrp_details(model, x)  # the public call gives the same pixel relevance
+    assert abs(float(res.pixels.sum() - b["pixels"])) <= 1e-9 * scale
+
+
+@pytest.mark.parametrize("name", ["swin-v2-cosine", "xcit", "convit-gated", "levit", "vitviz-hybrid"])
+def test_more_families_maps_vary_follow_the_target_and_leave_the_model_as_it_was(name):
+    build, size, _ = MORE[name]
+    model = running_stats(randomize(build(), seed=5))
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(x)
+    flags0, hooks0 = flags(model), hooks(model)
+    res = attnlrp_details(model, x)
+    assert torch.equal(res.logits, before)  # forward values are the model's own
+    assert bool((res.grid.flatten(1).std(dim=1) > 1e-3 * res.grid.abs().flatten(1).max(dim=1).values).all())
+    assert not torch.allclose(attnlrp(model, x, target=(res.target + 1) % 4), res.grid, rtol=1e-3, atol=1e-6)
+    assert hooks(model) == hooks0 and flags(model) == flags0
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

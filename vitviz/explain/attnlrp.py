@@ -6,10 +6,13 @@ Relevance starts as the explained logit and flows back to the pixels, layer by l
 operation                                   rule, and how it is obtained here
 ==========================================  ===============================================================
 linear layers, patch projection, head       epsilon rule (epsilon -> 0, bias absorbs): plain gradient x input
+convolutions, eval-mode batch norm          epsilon rule, as linear (affine) maps: plain gradient x input
 residual additions, pooling, position add   epsilon rule, as linear maps (position embeddings absorb)
-LayerNorm / RMSNorm                         identity rule on the normalisation: the std is a constant
+max pooling, ReLU                           winner takes all / identity rule: their own gradient x input
+LayerNorm / RMSNorm / GroupNorm             identity rule on the normalisation: the std is a constant
                                             (detached), the centring and affine parts stay linear (Prop. 3.4)
-GELU, SiLU, ... (elementwise)               identity rule (Eq. 9): gradient scaled by f(x) / x
+GELU, SiLU, Hardswish, ... (elementwise)    identity rule (Eq. 9): gradient scaled by f(x) / x
+L2 normalisation (cosine attention, CLIP)   identity rule: the norm is a constant
 softmax                                     the AttnLRP softmax rule (Prop. 3.1): x_i (R_i - s_i sum_j R_j),
                                             which *is* gradient x input of the softmax: nothing to change
 q @ k^T, attn @ v                           uniform epsilon rule (Prop. 3.3): half the relevance to each
@@ -35,21 +38,38 @@ Covered: every transformer whose modules all have a rule here, reached through i
   and GLU MLPs, whose product of two branches gets the uniform rule, half to each) and ``Beit`` (a
   relative position bias is an additive bias on the scores);
 * timm's ``SwinTransformer`` and Hugging Face's Swin (window attention: shifted windows and patch
-  merging move and concatenate tokens, the shift mask and relative position bias are additive);
+  merging move and concatenate tokens, the shift mask and relative position bias are additive) and
+  ``SwinTransformerV2`` (cosine attention: q and k are L2-normalised; the position bias comes from a small
+  MLP of fixed coordinates, so it is a constant added to the scores);
+* timm's ``Cait`` (talking heads mix the heads linearly before and after the softmax; class attention),
+  ``Xcit`` (cross-covariance attention: cosine attention over channels; the local patch interaction is
+  depthwise convolutions and batch norm), ``ConVit`` (gated positional attention: the gate and the
+  positional scores do not depend on the image, and the renormalisation of the mixed rows, which already
+  sum to one, is a constant), ``CrossVit`` (two branches, cross-attention of their class tokens, bicubic
+  resizing is linear), ``PoolingVisionTransformer`` (PiT), ``PyramidVisionTransformerV2`` and ``Twins``
+  (spatial-reduction convolutions, depthwise convolutions in the MLP or as position encoding), ``Levit``
+  (linear layers followed by batch norm, heads interleaved in one projection, attention biases);
+* hybrids: vitviz's ResNet stems and timm's ResNet-v2 stems (weight-standardised convolutions, group
+  norm); a CNN stem passes relevance by the epsilon rule, which is gradient x input there too;
 * Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers) and CLIP vision towers, alone or as a prompt
   classifier (its L2 normalisation gets the identity rule: the norm is a constant).
 
 Where q and k can be reached as modules (timm's ``q_norm`` / ``k_norm``, transformers' ``q_proj`` /
-``k_proj``, vitviz's fused ``qkv``), their gradient is halved and fused attention keeps running (the
-gradient of fused attention equals the explicit path's). timm's BEiT computes q and k inside its
-forward; there the explicit path runs for the call and the halving sits on the softmax's output
-(``attn_drop``'s input), which halves the gradient at the scores and so at q and k alike, while the
-relative position bias's gradient is doubled back so that it absorbs what it would under the rule.
+``k_proj``, ``q`` / ``kv`` projections, the fused ``qkv`` projection, LeViT's interleaved heads), their
+gradient is halved and fused attention keeps running (the gradient of fused attention equals the
+explicit path's). Cosine attention normalises q and k inside its forward: there a TorchFunctionMode gives
+each ``F.normalize`` the identity rule and the halving, for the attention's own call. timm's BEiT
+computes q and k inside its forward; there the explicit path runs for the call and the halving sits on
+the softmax's output (``attn_drop``'s input), which halves the gradient at the scores and so at q and k
+alike, while the relative position bias's gradient is doubled back so that it absorbs what it would
+under the rule.
 
-Other models are refused with the reason (:func:`refusal`): CNNs and CNN stems, transformers with
-convolutions or other attention inside (PVT, Twins, PiT, LeViT, CaiT, XCiT, Swin-V2's cosine attention,
-...), sigmoid gates, torch's ``nn.MultiheadAttention`` (open_clip, SigLIP's Hugging Face pooling head)
-and anything without a classifier head.
+Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), timm's parallel-scaling
+blocks, sigmoid gates, torch's ``nn.MultiheadAttention`` (open_clip, SigLIP's Hugging Face pooling head),
+Hugging Face DINOv2's functional SwiGLU, batch norm in training mode and anything without a classifier
+head. The epsilon rule in a deep CNN stem is gradient x input, which is known to be noisy there
+(LRP composites use the gamma rule on convolutions); how far to trust the maps of a hybrid is measured
+by the trust scorer (``vitviz trust``), not assumed.
 
 Why not the ``lxt`` package: its efficient patches (``lxt.efficient``) replace *class* methods of
 Hugging Face and torchvision modules for the whole process, with no undo, and cover neither timm's
@@ -61,8 +81,9 @@ rules that are always removed. The tests check this module against ``lxt``'s exp
 ViT with the same weights.
 
 Conservation: every rule above is conservative except where the paper says relevance is absorbed:
-biases (linear, LayerNorm, head, position biases), additive embeddings (position embeddings, class and
-register tokens, an attention pool's latent query, which are not pixels) and the softmax rule, whose
+biases (linear, convolution, norm and batch-norm shifts, head, position biases), additive embeddings and
+constants (position embeddings and encodings, class and register tokens, an attention pool's latent query,
+positional scores, which are not pixels) and the softmax rule, whose
 Taylor expansion at x has a bias term that keeps ``sum_i R_i - sum_i x_i (R_i - s_i sum_j R_j)`` per
 query row. So the relevance summed over the pixels is the logit minus these absorbed parts, exactly (to
 float rounding); how far it is from the logit depends on the model (with small attention scores, most
@@ -84,7 +105,10 @@ from vitviz.explain.hooks import Installed, exclusive
 from vitviz.explain.layout import check_images, resolve_target
 from vitviz.explain.lrp_rules import (
     RMS_NORMS,
+    ConstantRowSums,
+    CosineAttentionRules,
     activation_rule,
+    group_norm_rule,
     l2_rule,
     norm_rule,
     scale_input,
@@ -94,19 +118,23 @@ from vitviz.explain.lrp_rules import (
 
 __all__ = ["LRPResult", "attnlrp", "attnlrp_details", "lrp_rules", "refusal"]
 
-_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "timm-swin", "hf-vit", "hf-swin", "clip-prompts")
-# Modules that are linear maps (or identities in eval), so plain gradient x input is their LRP rule;
-# an Embedding is a lookup of additive parameters (CLIP's positions), which absorb.
+_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "timm-cait", "timm-swin", "timm-pvt-v2", "timm-twins",
+             "timm-pit", "timm-xcit", "timm-crossvit", "timm-levit", "timm-convit", "hf-vit", "hf-swin", "clip-prompts")
+# Modules that are linear maps (or identities or affine maps in eval), so plain gradient x input is their LRP
+# rule (epsilon rule, epsilon -> 0): convolutions of any shape, eval-mode batch norm, average pooling. An
+# Embedding is a lookup of additive parameters (CLIP's positions), which absorb.
 _LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout", "Embedding", "Flatten",
-           "AdaptiveAvgPool1d", "AdaptiveAvgPool2d"}
-# The softmax module (timm's Swin calls one): its rule is gradient x input, nothing to change.
-_AS_IS = {"Softmax"}
-_ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "ReLU", "Tanh",  # elementwise, f(0) = 0
+           "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AvgPool2d", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d"}
+# Modules whose own gradient x input already is their rule: the softmax (the AttnLRP softmax rule), ReLU
+# (the identity rule: its gradient is relu(x) / x) and max pooling (winner takes all).
+_AS_IS = {"Softmax", "ReLU", "MaxPool2d", "MaxPool2dSame"}
+_ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Tanh", "Hardswish", "ReLU6",  # f(0) = 0
                 "GELUActivation", "QuickGELUActivation", "NewGELUActivation", "PytorchGELUTanh",
                 "FastGELUActivation", "SiLUActivation"}
 # Classes whose forward composes covered children with additions, concatenation, pooling, fixed linear
-# maps (rotary embeddings, layer scale) and the matmuls and softmax of attention, by where they are defined
-# (other timm families reuse these class names for other maths).
+# maps (rotary embeddings, layer scale, interpolation, constant position encodings) and the matmuls and
+# softmax of attention, by where they are defined (other timm families reuse these class names for other
+# maths).
 _COVERED = {
     "torch.nn.modules.container": {"ModuleList", "Sequential"},
     "timm.models.vision_transformer": {"VisionTransformer", "Block", "ResPostBlock", "ParallelThingsBlock",
@@ -116,15 +144,36 @@ _COVERED = {
     "timm.layers.attention_pool": {"AttentionPoolLatent"},
     "timm.layers.mlp": {"Mlp", "SwiGLU", "GluMlp"},
     "timm.layers.patch_embed": {"PatchEmbed"},
+    "timm.layers.hybrid_embed": {"HybridEmbed"},
+    "timm.layers.norm_act": {"GroupNormAct"},
+    "timm.layers.std_conv": {"StdConv2d", "StdConv2dSame"},  # weight standardisation: linear in the input
     "timm.layers.pos_embed_sincos": {"RotaryEmbeddingCat", "RotaryEmbedding"},
+    "timm.models.resnetv2": {"ResNetV2", "ResNetStage", "Bottleneck", "PreActBottleneck", "DownsampleConv",
+                             "DownsampleAvg"},
     "timm.models.eva": {"Eva", "EvaBlock", "EvaBlockPostNorm", "EvaAttention"},
     "timm.models.beit": {"Beit", "Block", "Attention", "RelativePositionBias"},
+    "timm.models.cait": {"Cait", "LayerScaleBlock", "LayerScaleBlockClassAttn", "TalkingHeadAttn", "ClassAttn"},
     "timm.models.swin_transformer": {"SwinTransformer", "SwinTransformerStage", "SwinTransformerBlock",
                                      "WindowAttention", "PatchMerging"},
+    "timm.models.swin_transformer_v2": {"SwinTransformerV2", "SwinTransformerV2Stage", "SwinTransformerV2Block",
+                                        "WindowAttention", "PatchMerging"},
+    "timm.models.pvt_v2": {"PyramidVisionTransformerV2", "PyramidVisionTransformerStage", "Block", "Attention",
+                           "MlpWithDepthwiseConv", "OverlapPatchEmbed"},
+    "timm.models.twins": {"Twins", "Block", "LocallyGroupedAttn", "GlobalSubSampleAttn", "PosConv", "PatchEmbed"},
+    "timm.models.pit": {"PoolingVisionTransformer", "SequentialTuple", "Transformer", "Pooling", "ConvEmbedding"},
+    "timm.models.xcit": {"Xcit", "XCABlock", "XCA", "LPI", "ClassAttentionBlock", "ConvPatchEmbed",
+                         "PositionalEncodingFourier"},
+    "timm.models.crossvit": {"CrossVit", "MultiScaleBlock", "CrossAttentionBlock", "CrossAttention", "PatchEmbed"},
+    "timm.models.levit": {"Levit", "LevitDistilled", "Stem16", "Stem8", "ConvNorm", "LinearNorm", "NormLinear",
+                          "Downsample", "Attention", "AttentionDownsample", "LevitMlp", "LevitDownsample",
+                          "LevitBlock", "LevitStage"},
+    "timm.models.convit": {"ConVit", "Block", "GPSA", "MHSA"},
     "timm.layers.classifier": {"ClassifierHead"},
     "timm.layers.adaptive_avgmax_pool": {"SelectAdaptivePool2d", "FastAdaptiveAvgPool", "AdaptiveAvgPool"},
     "vitviz.models.vit": {"VisionTransformer"},
     "vitviz.models.layers": {"Block", "Attention", "Mlp", "PatchEmbed"},
+    "vitviz.models.hybrid": {"HybridViT", "HybridEmbed"},
+    "vitviz.models.resnet": {"ResNet", "BasicBlock", "Bottleneck"},
     "vitviz.models.clip": {"PromptClassifier", "L2Normalize"},
 }
 # Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks, and Swin.
@@ -204,15 +253,15 @@ def _covered(name: str, m: nn.Module) -> str | None:
             return f"{name} has no q_norm / k_norm modules to reach q and k at"
         if "max" in str(getattr(m, "pool_type", "")):
             return f"{name} max-pools the features, which has no rule here"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return f"{name} is a batch norm in training mode (batch statistics); call model.eval()"
+        return None
+    if isinstance(m, nn.GroupNorm):
         return None
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1:
             return f"{name} normalises over {tuple(m.normalized_shape)}, not the channels only"
         return None
-    if isinstance(m, nn.Conv2d):
-        if m.kernel_size == m.stride and m.groups == 1 and m.padding in (0, (0, 0)):
-            return None  # a patch projection: a linear map of each patch
-        return f"{name} is a convolution stem, which needs LRP rules of its own"
     if home.startswith("transformers."):
         model_type = home.split(".")[2] if home.count(".") >= 2 else ""
         if kind.endswith(tuple(_HF_REFUSED)):
@@ -249,13 +298,10 @@ def refusal(model: nn.Module | Adapter) -> str | None:
     if not adapter.has_head:
         return (f"AttnLRP explains a class score, and {what} has no classifier head (it returns features); use "
                 "'attention', 'rollout' or 'similarity'.")
-    if adapter.family == "hybrid":
-        return (f"{what} has a CNN stem (convolutions, batch norm, pooling): AttnLRP's rules cover the transformer, "
-                f"and LRP through a CNN stem needs rules of its own; {_ALTERNATIVES}.")
     if adapter.name not in _ADAPTERS:
-        return (f"AttnLRP in vitviz covers ViT, DeiT, EVA, BEiT, DINOv2, CLIP towers and Swin; {what} "
-                f"({adapter.name}) has layers with no rule here; "
-                f"{_ALTERNATIVES}.")
+        return (f"AttnLRP in vitviz covers the transformers of timm (ViT, DeiT, EVA, BEiT, CaiT, Swin, PVT-v2, Twins, "
+                f"PiT, XCiT, CrossViT, LeViT, ConViT), vitviz and Hugging Face; {what} ({adapter.name}) has layers "
+                f"with no rule here; {_ALTERNATIVES}.")
     why = _unsupported(adapter.model)
     if why is not None:
         return f"AttnLRP cannot run on this {what}: {why}; {_ALTERNATIVES}."
@@ -263,6 +309,27 @@ def refusal(model: nn.Module | Adapter) -> str | None:
 
 
 # --- the uniform rule on attention's two matmuls -------------------------------------------------------
+
+def _split_scale(parts: Sequence[tuple[int, float]], repeat: int = 1) -> torch.Tensor:
+    """A per-channel gradient scale over a projection's output laid out as ``parts`` (width, scale), the
+    whole pattern repeated ``repeat`` times (once per head where heads interleave q, k and v)."""
+    one = torch.cat([torch.full((width,), scale) for width, scale in parts])
+    return one.repeat(repeat)  # (sum of widths * repeat,)
+
+
+def _levit_rules(m: nn.Module, rules: Installed) -> None:
+    """LeViT: q, k (and v) come out of a Linear + BatchNorm (or conv + BatchNorm) with the heads interleaved."""
+    kd, vd, heads = m.key_dim, m.val_dim, m.num_heads
+    rules.set(m, "attention_bias_cache", {})  # eval mode caches the biases: a fresh one keeps them in this graph
+    conv = bool(getattr(m, "use_conv", False))
+    if hasattr(m, "qkv"):
+        source, scale = m.qkv, _split_scale([(kd, 0.5), (kd, 0.5), (vd, 1.0)], heads)
+    else:  # AttentionDownsample: q from the subsampled tokens, k and v from all of them
+        rules.forward(m.q, scale_output(0.5))
+        source, scale = m.kv, _split_scale([(kd, 0.5), (vd, 1.0)], heads)
+    rules.forward(source, scale_output(scale[:, None, None] if conv else scale))  # channels first in a conv
+    rules.pre(m.proj, scale_input(0.5))
+
 
 def _attention_rules(m: nn.Module, rules: Installed) -> None:
     """Put the uniform rule on an attention's q @ k^T and attn @ v, at their factors and product.
@@ -282,6 +349,11 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
         if m.relative_position_bias_table is not None:  # its share, as if the halving sat at q and k
             rules.set(m, "_get_rel_pos_bias", scale_returned(m._get_rel_pos_bias, 2.0))
         rules.pre(m.proj, scale_input(0.5))
+    elif _is(m, "timm.models.levit", "Attention", "AttentionDownsample"):
+        _levit_rules(m, rules)
+    elif _is(m, "timm.models.swin_transformer_v2", "WindowAttention") or _is(m, "timm.models.xcit", "XCA"):
+        rules.around(m, CosineAttentionRules)  # q and k are L2-normalised inside the forward: the rules sit there
+        rules.pre(m.proj, scale_input(0.5))
     elif isinstance(getattr(m, "q_norm", None), nn.Module) and isinstance(getattr(m, "k_norm", None), nn.Module):
         rules.forward(m.q_norm, half)
         rules.forward(m.k_norm, half)
@@ -290,20 +362,45 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
         pool = _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
         after = m.norm if isinstance(getattr(m, "norm", None), nn.Module) and not pool else m.proj
         rules.pre(after, scale_input(0.5))
-    else:  # vitviz, timm's Swin: q, k are the first two thirds of the qkv projection's output
-        d = m.qkv.out_features // 3
-        scale = torch.cat([torch.full((2 * d,), 0.5), torch.ones(d)]).to(m.qkv.weight.device)  # (3 * d,)
-        rules.forward(m.qkv, scale_output(scale))
+    else:
+        q, k = (getattr(m, "q", None) or getattr(m, "wq", None)), (getattr(m, "k", None) or getattr(m, "wk", None))
+        if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):  # CaiT's class attention, CrossViT
+            rules.forward(q, half)
+            rules.forward(k, half)
+        elif isinstance(q, nn.Linear) and isinstance(getattr(m, "kv", None), nn.Linear):  # PVT-v2, Twins (global)
+            rules.forward(q, half)
+            d = m.kv.out_features // 2
+            rules.forward(m.kv, scale_output(_split_scale([(d, 0.5), (d, 1.0)]).to(m.kv.weight.device)))
+        elif isinstance(getattr(m, "qk", None), nn.Linear):  # ConViT's gated positional attention
+            rules.forward(m.qk, half)
+            rules.around(m, ConstantRowSums)
+        else:  # vitviz, Swin, CaiT's talking heads, Twins (local): q, k are the first two thirds of qkv's output
+            d = m.qkv.out_features // 3
+            rules.forward(m.qkv, scale_output(_split_scale([(2 * d, 0.5), (d, 1.0)]).to(m.qkv.weight.device)))
         rules.pre(m.proj, scale_input(0.5))
 
 
+_ATTENTIONS = {
+    "vitviz.models.layers": ("Attention",),
+    "timm.models.vision_transformer": ("Attention",),
+    "timm.layers.attention": ("Attention", "AttentionRope"),
+    "timm.layers.attention_pool": ("AttentionPoolLatent",),
+    "timm.models.eva": ("EvaAttention",),
+    "timm.models.beit": ("Attention",),
+    "timm.models.cait": ("ClassAttn", "TalkingHeadAttn"),
+    "timm.models.swin_transformer": ("WindowAttention",),
+    "timm.models.swin_transformer_v2": ("WindowAttention",),
+    "timm.models.pvt_v2": ("Attention",),
+    "timm.models.twins": ("LocallyGroupedAttn", "GlobalSubSampleAttn"),
+    "timm.models.xcit": ("XCA",),
+    "timm.models.crossvit": ("CrossAttention",),
+    "timm.models.levit": ("Attention", "AttentionDownsample"),
+    "timm.models.convit": ("GPSA", "MHSA"),
+}
+
+
 def _is_attention(m: nn.Module) -> bool:
-    return (_hf_attention(m) or _is(m, "vitviz.models.layers", "Attention")
-            or _is(m, "timm.models.vision_transformer", "Attention")
-            or _is(m, "timm.layers.attention", "Attention", "AttentionRope")
-            or _is(m, "timm.layers.attention_pool", "AttentionPoolLatent")
-            or _is(m, "timm.models.eva", "EvaAttention") or _is(m, "timm.models.beit", "Attention")
-            or _is(m, "timm.models.swin_transformer", "WindowAttention"))
+    return _hf_attention(m) or type(m).__name__ in _ATTENTIONS.get(_home(m), ())
 
 
 # --- the rules in place for one call -------------------------------------------------------------------
@@ -327,6 +424,8 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
                 kind = type(m).__name__
                 if isinstance(m, nn.LayerNorm) or kind in RMS_NORMS:
                     rules.forward(m, norm_rule)
+                elif isinstance(m, nn.GroupNorm):  # timm's GroupNormAct included (its activation after it)
+                    rules.forward(m, group_norm_rule)
                 elif kind in _ACTIVATIONS:
                     rules.forward(m, activation_rule)
                 elif _is(m, "vitviz.models.clip", "L2Normalize"):

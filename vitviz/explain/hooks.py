@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 __all__ = ["Installed", "exclusive", "this_thread"]
@@ -70,6 +70,22 @@ class Installed:
         """Set an instance attribute for the call; :meth:`undo` restores it (or removes it if it was not set)."""
         self._saved.append((obj, name, obj.__dict__.get(name, self._MISSING)))
         setattr(obj, name, value)
+
+    def around(self, module: Any, context: Callable[[], AbstractContextManager]) -> None:
+        """Run ``module``'s forward inside ``context()`` (a fresh one per call), in the installing thread only.
+
+        For rules on functions a module calls rather than on its children (a TorchFunctionMode); the
+        forward is wrapped as an instance attribute, so an exception inside leaves nothing behind.
+        """
+        original, owner = module.forward, threading.get_ident()
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != owner:
+                return original(*args, **kwargs)
+            with context():
+                return original(*args, **kwargs)
+
+        self.set(module, "forward", forward)
 
     def undo(self) -> None:
         for h in reversed(self._handles):

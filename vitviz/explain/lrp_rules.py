@@ -8,12 +8,18 @@ that ``input * modified gradient`` is the relevance the paper's rule gives (Acht
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["activation_rule", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
+from vitviz.errors import ExplainError
+
+__all__ = ["ConstantRowSums", "CosineAttentionRules", "activation_rule", "group_norm_rule", "l2_rule", "norm_rule",
+           "scale_input", "scale_output", "scale_returned"]
 
 RMS_NORMS = {"RmsNorm", "RMSNorm"}
 
@@ -87,21 +93,76 @@ class _NormIdentity(torch.autograd.Function):
 
 
 class _L2Identity(torch.autograd.Function):
-    """``x / max(||x||, eps)`` over the last axis with the norm a constant: the gradient divided by it.
+    """``x / max(||x||, eps)`` over axis ``dim`` with the norm a constant: the gradient divided by it.
 
-    The identity rule for an L2 normalisation (a CLIP embedding before the cosine similarity): the
-    relevance x * g / ||x|| = y * g passes through whole.
+    The identity rule for an L2 normalisation (a CLIP embedding before the cosine similarity, the q and k
+    of cosine attention): the relevance x * g / ||x|| = y * g passes through whole.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x.norm(dim=-1, keepdim=True).clamp_min(eps))  # (..., 1)
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x.norm(dim=dim, keepdim=True).clamp_min(eps))  # x's shape, 1 along dim
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (norm,) = ctx.saved_tensors
-        return grad / norm, None, None
+        return grad / norm, None, None, None
+
+
+class CosineAttentionRules(TorchFunctionMode):
+    """Inside a cosine attention's forward (Swin-V2, XCiT): every ``F.normalize`` (of q and of k) gets the
+    identity rule of the L2 normalisation, and half the gradient (the uniform rule on ``q @ k^T``).
+
+    The forward values are ``F.normalize``'s own.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.normalize:
+            x = args[0]
+            p = kwargs.get("p", args[1] if len(args) > 1 else 2.0)
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+            eps = kwargs.get("eps", args[3] if len(args) > 3 else 1e-12)
+            if p != 2:
+                raise ExplainError(f"AttnLRP's rule covers the L2 normalisation of cosine attention, not p={p}.")
+            out = _L2Identity.apply(x, out.detach(), float(eps), int(dim))
+            out = _ScaleGradient.apply(out, torch.tensor(0.5, dtype=out.dtype, device=out.device))
+        return out
+
+
+class ConstantRowSums(TorchFunctionMode):
+    """Inside ConViT's gated attention: the sum its mixed attention is divided by is a constant.
+
+    Each row mixes two softmax rows, so it already sums to one; under plain gradients the division
+    (homogeneous of degree 0) would absorb every unit of relevance reaching it. Held constant, it passes
+    the relevance through whole (the identity rule). Forward values are unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out.detach() if func in (torch.Tensor.sum, torch.sum) else out
+
+
+def group_norm_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook for a GroupNorm (timm's ``GroupNormAct`` included: group norm, then an activation).
+
+    The identity rule on the normalisation, as for LayerNorm: the centring over each group and the affine map
+    stay linear, the group's 1/std is a constant; an activation after it gets the identity rule too
+    (its gradient is scaled by act(z) / z). Forward: the module's own output.
+    """
+    x = inputs[0]  # (B, C, ...)
+    b, c, groups = x.shape[0], x.shape[1], module.num_groups
+    grouped = x.reshape(b, groups, -1)  # (B, G, C/G * spatial)
+    var, mean = torch.var_mean(grouped.detach(), dim=-1, keepdim=True, correction=0)  # (B, G, 1) each
+    centred = (grouped - grouped.mean(-1, keepdim=True)) * torch.rsqrt(var + module.eps)  # (B, G, C/G * spatial)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    z = centred.reshape(x.shape)  # (B, C, ...)
+    if module.weight is not None:
+        z = z * module.weight.reshape(shape) + module.bias.reshape(shape)
+    ratio = (output.detach() / z.detach()).nan_to_num_(0.0, 0.0, 0.0)  # the activation's act(z) / z, 1 if none
+    return output.detach() + (z - z.detach()) * ratio
 
 
 def norm_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -140,8 +201,13 @@ def scale_input(scale: float) -> Callable[[nn.Module, tuple], tuple]:
 
 
 def scale_returned(fn: Callable[[], torch.Tensor], scale: float) -> Callable[[], torch.Tensor]:
-    """``fn`` (a method taking no arguments) whose returned tensor's gradient is times ``scale``."""
+    """``fn`` (a method taking no arguments) whose returned tensor's gradient is times ``scale``, when called in
+    the current thread (another thread sharing the model gets ``fn``'s own tensor)."""
+    owner = threading.get_ident()
+
     def wrapped() -> torch.Tensor:
         out = fn()
+        if threading.get_ident() != owner:
+            return out
         return _ScaleGradient.apply(out, torch.tensor(scale, dtype=out.dtype, device=out.device))
     return wrapped
