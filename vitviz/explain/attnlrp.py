@@ -26,7 +26,8 @@ forward and one backward pass. The rules are put in place for one call with forw
 autograd functions on the model's own modules; on exit, also after an exception, every hook is removed,
 so the model is unchanged (its fused attention keeps running: the gradient of fused attention equals
 the explicit path's, and only q, k and the attention output's gradients are rescaled). The forward
-values are bit-identical to a plain forward pass, so the explained logit is the model's own.
+values are a plain forward pass's (bit-identical where the model's own kernels keep running, equal to
+float rounding where attention is written out for the call), so the explained logit is the model's own.
 
 Covered: every transformer whose modules all have a rule here, reached through its adapter:
 
@@ -51,8 +52,11 @@ Covered: every transformer whose modules all have a rule here, reached through i
   (linear layers followed by batch norm, heads interleaved in one projection, attention biases);
 * hybrids: vitviz's ResNet stems and timm's ResNet-v2 stems (weight-standardised convolutions, group
   norm); a CNN stem passes relevance by the epsilon rule, which is gradient x input there too;
-* Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers) and CLIP vision towers, alone or as a prompt
-  classifier (its L2 normalisation gets the identity rule: the norm is a constant).
+* Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers), CLIP and SigLIP vision towers, and open_clip's
+  ViTs, as classifiers or prompt classifiers (the L2 normalisation gets the identity rule: the norm is a
+  constant). torch's ``nn.MultiheadAttention`` (open_clip's blocks, SigLIP's attention-pool head) computes
+  q, k and v inside one function: for the call it runs a written-out forward with the rules (torch's own
+  outside the call and in other threads).
 
 Where q and k can be reached as modules (timm's ``q_norm`` / ``k_norm``, transformers' ``q_proj`` /
 ``k_proj``, ``q`` / ``kv`` projections, the fused ``qkv`` projection, LeViT's interleaved heads), their
@@ -65,8 +69,8 @@ alike, while the relative position bias's gradient is doubled back so that it ab
 under the rule.
 
 Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), timm's parallel-scaling
-blocks, sigmoid gates, torch's ``nn.MultiheadAttention`` (open_clip, SigLIP's Hugging Face pooling head),
-Hugging Face DINOv2's functional SwiGLU, batch norm in training mode and anything without a classifier
+blocks, sigmoid gates, an ``nn.MultiheadAttention`` with separate key/value sizes or key biases, Hugging
+Face DINOv2's functional SwiGLU, batch norm in training mode and anything without a classifier
 head. The epsilon rule in a deep CNN stem is gradient x input, which is known to be noisy there
 (LRP composites use the gamma rule on convolutions); how far to trust the maps of a hybrid is measured
 by the trust scorer (``vitviz trust``), not assumed.
@@ -92,11 +96,13 @@ relevance reaching the attention weights is absorbed by the softmax).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitviz.errors import ExplainError
@@ -109,6 +115,7 @@ from vitviz.explain.lrp_rules import (
     CosineAttentionRules,
     activation_rule,
     group_norm_rule,
+    halve_gradient,
     l2_rule,
     norm_rule,
     scale_input,
@@ -118,13 +125,15 @@ from vitviz.explain.lrp_rules import (
 
 __all__ = ["LRPResult", "attnlrp", "attnlrp_details", "lrp_rules", "refusal"]
 
-_ADAPTERS = ("vitviz-vit", "timm-vit", "timm-eva", "timm-beit", "timm-cait", "timm-swin", "timm-pvt-v2", "timm-twins",
-             "timm-pit", "timm-xcit", "timm-crossvit", "timm-levit", "timm-convit", "hf-vit", "hf-swin", "clip-prompts")
+_ADAPTERS = ("vitviz-vit", "open-clip-vit", "timm-vit", "timm-eva", "timm-beit", "timm-cait", "timm-swin",
+             "timm-pvt-v2", "timm-twins", "timm-pit", "timm-xcit", "timm-crossvit", "timm-levit", "timm-convit",
+             "hf-vit", "hf-swin", "clip-prompts")
 # Modules that are linear maps (or identities or affine maps in eval), so plain gradient x input is their LRP
 # rule (epsilon rule, epsilon -> 0): convolutions of any shape, eval-mode batch norm, average pooling. An
 # Embedding is a lookup of additive parameters (CLIP's positions), which absorb.
-_LINEAR = {"Linear", "Dropout", "Identity", "DropPath", "LayerScale", "PatchDropout", "Embedding", "Flatten",
-           "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AvgPool2d", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d"}
+_LINEAR = {"Linear", "NonDynamicallyQuantizableLinear", "Dropout", "Identity", "DropPath", "LayerScale",
+           "PatchDropout", "Embedding", "Flatten", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AvgPool2d", "Conv1d",
+           "Conv2d", "BatchNorm1d", "BatchNorm2d"}
 # Modules whose own gradient x input already is their rule: the softmax (the AttnLRP softmax rule), ReLU
 # (the identity rule: its gradient is relu(x) / x) and max pooling (winner takes all).
 _AS_IS = {"Softmax", "ReLU", "MaxPool2d", "MaxPool2dSame"}
@@ -175,12 +184,16 @@ _COVERED = {
     "vitviz.models.hybrid": {"HybridViT", "HybridEmbed"},
     "vitviz.models.resnet": {"ResNet", "BasicBlock", "Bottleneck"},
     "vitviz.models.clip": {"PromptClassifier", "L2Normalize"},
+    "open_clip.transformer": {"VisionTransformer", "Transformer", "ResidualAttentionBlock", "LayerNorm",
+                              "LayerNormFp32", "LayerScale", "QuickGELU"},
 }
 # Hugging Face model types whose modules (by class-name ending) are covered: flat pre-norm stacks, and Swin.
-_HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "swin")
+_HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip",
+             "siglip_vision_model", "swin")
 _HF_ENDINGS = ("Model", "ForImageClassification", "ForImageClassificationWithTeacher", "WithProjection",
                "VisionTransformer", "Embeddings", "Encoder", "Layer", "EncoderLayer", "Attention", "MLP",
-               "LayerScale", "Pooler", "RelativePositionBias", "DropPath", "Stage", "PatchMerging")
+               "LayerScale", "Pooler", "RelativePositionBias", "DropPath", "Stage", "PatchMerging",
+               "MultiheadAttentionPoolingHead")
 _HF_REFUSED = {"SwiGLUFFN": "multiplies silu(x1) * x2 with a functional silu that has no module to put the "
                             "identity rule on",
                "ViTPooler": "passes the class token through a dense layer and tanh that have no classifier "
@@ -270,11 +283,10 @@ def _covered(name: str, m: nn.Module) -> str | None:
         if model_type in _HF_TYPES and kind.endswith(_HF_ENDINGS):
             return None
         return f"{name} ({kind}) is a transformers module with no AttnLRP rule here"
-    if home.startswith("open_clip"):
-        return (f"{name} ({kind}) is an open_clip module, whose attention is torch's nn.MultiheadAttention (q and k "
-                "are computed inside one function); load the same weights through timm or Hugging Face")
-    if kind == "MultiheadAttention":
-        return f"{name} is torch's nn.MultiheadAttention, whose q and k are computed inside one function"
+    if isinstance(m, nn.MultiheadAttention):
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            return f"{name} is an nn.MultiheadAttention with separate key/value sizes or added key biases"
+        return None
     return f"{name} ({kind}) has no AttnLRP rule here"
 
 
@@ -300,8 +312,8 @@ def refusal(model: nn.Module | Adapter) -> str | None:
                 "'attention', 'rollout' or 'similarity'.")
     if adapter.name not in _ADAPTERS:
         return (f"AttnLRP in vitviz covers the transformers of timm (ViT, DeiT, EVA, BEiT, CaiT, Swin, PVT-v2, Twins, "
-                f"PiT, XCiT, CrossViT, LeViT, ConViT), vitviz and Hugging Face; {what} ({adapter.name}) has layers "
-                f"with no rule here; {_ALTERNATIVES}.")
+                f"PiT, XCiT, CrossViT, LeViT, ConViT), vitviz, Hugging Face and open_clip; {what} ({adapter.name}) "
+                f"has layers with no rule here; {_ALTERNATIVES}.")
     why = _unsupported(adapter.model)
     if why is not None:
         return f"AttnLRP cannot run on this {what}: {why}; {_ALTERNATIVES}."
@@ -339,7 +351,9 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
     (after timm's q_norm / k_norm, whose biases then absorb at full strength).
     """
     half = scale_output(0.5)
-    if _hf_attention(m):
+    if isinstance(m, nn.MultiheadAttention):
+        rules.set(m, "forward", _mha_forward(m))
+    elif _hf_attention(m):
         rules.forward(m.q_proj, half)
         rules.forward(m.k_proj, half)
         rules.pre(getattr(m, "o_proj", None) or m.out_proj, scale_input(0.5))
@@ -380,6 +394,41 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
         rules.pre(m.proj, scale_input(0.5))
 
 
+def _mha_forward(mha: nn.MultiheadAttention):  # noqa: ANN202
+    """torch's ``nn.MultiheadAttention`` forward written out (it computes q, k and v inside one function),
+    with the uniform rule on q @ k^T and attn @ v, for the thread that installs it (others get torch's own)."""
+    heads, owner, half = mha.num_heads, threading.get_ident(), 0.5
+
+    def forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,  # noqa: ANN001
+                need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if threading.get_ident() != owner:
+            return type(mha).forward(mha, query, key, value, key_padding_mask=key_padding_mask,
+                                     need_weights=need_weights, attn_mask=attn_mask,
+                                     average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if key_padding_mask is not None or is_causal:
+            raise ExplainError("AttnLRP in vitviz covers nn.MultiheadAttention without padding or causal masks.")
+        q_in, k_in, v_in = ((t if mha.batch_first else t.transpose(0, 1)) for t in (query, key, value))  # (B, N, D)
+        w, b = mha.in_proj_weight.chunk(3), (mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None
+                                             else (None, None, None))
+        d, hd = mha.embed_dim, mha.embed_dim // heads
+        split = [F.linear(t, wi, bi) for t, wi, bi in zip((q_in, k_in, v_in), w, b, strict=True)]  # (B, N*, D) each
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, hd).transpose(1, 2) for t in split)  # (B, heads, N*, hd)
+        scale = torch.tensor(half, dtype=q.dtype, device=q.device)
+        scores = (halve_gradient(q, scale) * hd ** -0.5) @ halve_gradient(k, scale).transpose(-2, -1)  # (B, h, Nq, Nk)
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        weights = scores.softmax(dim=-1)  # (B, heads, Nq, Nk)
+        out = (weights @ v).transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], d)  # (B, Nq, D)
+        out = mha.out_proj(halve_gradient(out, scale))
+        if need_weights:  # what torch's forward returns: averaged over heads unless asked otherwise
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+        return (out if mha.batch_first else out.transpose(0, 1)), (weights if need_weights else None)
+
+    return forward
+
+
 _ATTENTIONS = {
     "vitviz.models.layers": ("Attention",),
     "timm.models.vision_transformer": ("Attention",),
@@ -400,7 +449,7 @@ _ATTENTIONS = {
 
 
 def _is_attention(m: nn.Module) -> bool:
-    return _hf_attention(m) or type(m).__name__ in _ATTENTIONS.get(_home(m), ())
+    return isinstance(m, nn.MultiheadAttention) or _hf_attention(m) or type(m).__name__ in _ATTENTIONS.get(_home(m), ())
 
 
 # --- the rules in place for one call -------------------------------------------------------------------

@@ -18,8 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 from vitviz.errors import ExplainError
 
-__all__ = ["ConstantRowSums", "CosineAttentionRules", "activation_rule", "group_norm_rule", "l2_rule", "norm_rule",
-           "scale_input", "scale_output", "scale_returned"]
+__all__ = ["ConstantRowSums", "CosineAttentionRules", "activation_rule", "group_norm_rule", "halve_gradient",
+           "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
 
 RMS_NORMS = {"RmsNorm", "RMSNorm"}
 
@@ -182,6 +182,11 @@ def activation_rule(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> 
 def l2_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """Forward hook for an L2-normalising module: its output, with the norm held constant backward."""
     return _L2Identity.apply(inputs[0], output.detach(), float(getattr(module, "eps", 1e-12)))
+
+
+def halve_gradient(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x``, its gradient times ``scale`` (a 0-dim tensor): the uniform rule's halving inside a forward."""
+    return _ScaleGradient.apply(x, scale)
 
 
 def scale_output(scale: float | torch.Tensor) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
