@@ -31,7 +31,7 @@ MUST = {
     "HF SigLIP tower, headless": HEADLESS, "HF Swin": GRID_ONLY,
 }
 # LeGrad must run on every flat transformer with a classifier head; AttnLRP on every transformer with a head
-# but timm's parallel-scaling blocks (vitviz.explain.attnlrp); elsewhere they are refused with the reason.
+# (vitviz.explain.attnlrp); elsewhere they are refused with the reason.
 FLAT_WITH_HEAD = {
     "ViT", "ViT (augreg)", "ViT, registers + gap", "ViT, gap", "ViT, res-post-norm", "ViT, parallel branches",
     "FlexiViT", "DeiT", "DeiT (distilled)", "DeiT-III", "DINOv2 + registers", "CLIP", "SigLIP (attention pool)",
@@ -39,8 +39,9 @@ FLAT_WITH_HEAD = {
     "HF DINOv2",
 }
 ATTNLRP = FLAT_WITH_HEAD | {
-    "Swin", "HF Swin", "ViT hybrid (R-Ti)", "CaiT", "XCiT", "ConViT", "Swin-V2", "PiT", "PiT (distilled)", "LeViT",
-    "PVT-v2", "PVT-v2 (linear)", "Twins-SVT", "Twins-PCPVT", "CrossViT", "open_clip CLIP + prompts"}
+    "Swin", "HF Swin", "ViT hybrid (R-Ti)", "ViT, parallel scaling", "CaiT", "XCiT", "ConViT", "Swin-V2", "PiT",
+    "PiT (distilled)", "LeViT", "PVT-v2", "PVT-v2 (linear)", "Twins-SVT", "Twins-PCPVT", "CrossViT",
+    "open_clip CLIP + prompts"}
 # Fig. 7 analyses that must work: filters where the stem is a linear patch projection, positions where
 # they are learned absolute embeddings, distance wherever there is token attention.
 FIG7 = {

@@ -76,6 +76,7 @@ BUILDERS = {
     "hf-beit": lambda: _hf("Beit", use_relative_position_bias=True, use_mean_pooling=True,
                            layer_scale_init_value=0.5),
     "hf-dinov2-registers": lambda: _hf("Dinov2WithRegisters", num_register_tokens=2),
+    "hf-dinov2-swiglu": lambda: _hf("Dinov2", use_swiglu_ffn=True),
     "hf-clip-prompts": lambda: _clip_prompts(),
     "timm-swin": lambda: _swin(),
     "hf-swin": lambda: _hf("Swin", embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=2),
@@ -447,11 +448,9 @@ def test_refuses_models_it_does_not_cover_with_the_reason():
     gated.blocks[1].attn = EvaAttention(16, 2, qkv_bias=True, gated=True, norm_layer=nn.LayerNorm)
     cases = {
         "CNN": vitviz.create_model("resnet18_32", layers=(1, 1, 1), width=8, num_classes=5),
-        "ParallelScalingBlock) has no AttnLRP rule": _coverage_model("ViT, parallel scaling"),
         "training mode": running_stats(MORE["vitviz-hybrid"][0]()).train(),
         "no classifier head": timm_vit(num_classes=0),
         "gates its output with a sigmoid": gated,
-        "functional silu": _hf("Dinov2", use_swiglu_ffn=True),
     }
     for words, model in cases.items():
         why = refusal(model if words == "training mode" else model.eval())
@@ -588,6 +587,7 @@ def _cls(module: str, name: str, **kw) -> nn.Module:
 
 
 MORE = {  # name: (builder, input side, absorbing function outputs besides softmax)
+    "timm-parallel-scaling": (lambda: timm_vit(block_fn=_timm_block("ParallelScalingBlock"), qk_norm=True), 16, ()),
     "cait-talking-heads": (lambda: _cls("cait", "Cait", img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
                                         depth_token_only=1), 16, ()),
     "swin-v2-cosine": (lambda: _cls("swin_transformer_v2", "SwinTransformerV2", img_size=16, patch_size=2,

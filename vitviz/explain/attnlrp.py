@@ -32,7 +32,8 @@ float rounding where attention is written out for the call), so the explained lo
 Covered: every transformer whose modules all have a rule here, reached through its adapter:
 
 * vitviz's ``VisionTransformer``;
-* timm's ``VisionTransformer`` (pre-norm ``Block``, ``ResPostBlock``, ``ParallelThingsBlock``; class-token,
+* timm's ``VisionTransformer`` (pre-norm ``Block``, ``ResPostBlock``, ``ParallelThingsBlock``,
+  ``ParallelScalingBlock`` (one projection for q, k, v and the MLP, another for both outputs); class-token,
   distillation, mean, max and attention-pool (``AttentionPoolLatent``, SigLIP) readouts; layer scale,
   registers, qk-norm) and ``VisionTransformerDistilled`` (DeiT);
 * timm's ``Eva`` (EVA, EVA-02, RoPE ViTs: rotary embeddings are a fixed linear map of q and k; SwiGLU
@@ -52,9 +53,9 @@ Covered: every transformer whose modules all have a rule here, reached through i
   (linear layers followed by batch norm, heads interleaved in one projection, attention biases);
 * hybrids: vitviz's ResNet stems and timm's ResNet-v2 stems (weight-standardised convolutions, group
   norm); a CNN stem passes relevance by the epsilon rule, which is gradient x input there too;
-* Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers), CLIP and SigLIP vision towers, and open_clip's
-  ViTs, as classifiers or prompt classifiers (the L2 normalisation gets the identity rule: the norm is a
-  constant). torch's ``nn.MultiheadAttention`` (open_clip's blocks, SigLIP's attention-pool head) computes
+* Hugging Face ViT, DeiT, BEiT, DINOv2 (with registers, with SwiGLU), CLIP and SigLIP vision towers,
+  and open_clip's ViTs, as classifiers or prompt classifiers (the L2 normalisation gets the identity rule:
+  the norm is a constant). torch's ``nn.MultiheadAttention`` (open_clip's blocks, SigLIP's attention-pool head) computes
   q, k and v inside one function: for the call it runs a written-out forward with the rules (torch's own
   outside the call and in other threads).
 
@@ -68,12 +69,11 @@ the softmax's output (``attn_drop``'s input), which halves the gradient at the s
 alike, while the relative position bias's gradient is doubled back so that it absorbs what it would
 under the rule.
 
-Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), timm's parallel-scaling
-blocks, sigmoid gates, an ``nn.MultiheadAttention`` with separate key/value sizes or key biases, Hugging
-Face DINOv2's functional SwiGLU, batch norm in training mode and anything without a classifier
-head. The epsilon rule in a deep CNN stem is gradient x input, which is known to be noisy there
-(LRP composites use the gamma rule on convolutions); how far to trust the maps of a hybrid is measured
-by the trust scorer (``vitviz trust``), not assumed.
+Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), sigmoid gates (EVA's
+gated attention), an ``nn.MultiheadAttention`` with separate key/value sizes or key biases, batch norm in
+training mode and anything without a classifier head. The epsilon rule in a deep CNN stem is gradient x
+input, which is known to be noisy there (LRP composites use the gamma rule on convolutions); how far to
+trust the maps of a hybrid is measured by the trust scorer (``vitviz trust``), not assumed.
 
 Why not the ``lxt`` package: its efficient patches (``lxt.efficient``) replace *class* methods of
 Hugging Face and torchvision modules for the whole process, with no undo, and cover neither timm's
@@ -147,7 +147,7 @@ _ACTIVATIONS = {"GELU", "GELUTanh", "QuickGELU", "SiLU", "Swish", "Tanh", "Hards
 _COVERED = {
     "torch.nn.modules.container": {"ModuleList", "Sequential"},
     "timm.models.vision_transformer": {"VisionTransformer", "Block", "ResPostBlock", "ParallelThingsBlock",
-                                       "Attention"},
+                                       "ParallelScalingBlock", "Attention"},
     "timm.models.deit": {"VisionTransformerDistilled"},
     "timm.layers.attention": {"Attention", "AttentionRope"},
     "timm.layers.attention_pool": {"AttentionPoolLatent"},
@@ -193,10 +193,8 @@ _HF_TYPES = ("vit", "deit", "beit", "dinov2", "dinov2_with_registers", "clip", "
 _HF_ENDINGS = ("Model", "ForImageClassification", "ForImageClassificationWithTeacher", "WithProjection",
                "VisionTransformer", "Embeddings", "Encoder", "Layer", "EncoderLayer", "Attention", "MLP",
                "LayerScale", "Pooler", "RelativePositionBias", "DropPath", "Stage", "PatchMerging",
-               "MultiheadAttentionPoolingHead")
-_HF_REFUSED = {"SwiGLUFFN": "multiplies silu(x1) * x2 with a functional silu that has no module to put the "
-                            "identity rule on",
-               "ViTPooler": "passes the class token through a dense layer and tanh that have no classifier "
+               "MultiheadAttentionPoolingHead", "SwiGLUFFN")
+_HF_REFUSED = {"ViTPooler": "passes the class token through a dense layer and tanh that have no classifier "
                             "score behind them"}
 _ALTERNATIVES = "use method='chefer' (gradient-weighted relevance) or 'gradcam'"
 
@@ -280,6 +278,9 @@ def _covered(name: str, m: nn.Module) -> str | None:
         if kind.endswith(tuple(_HF_REFUSED)):
             why = next(v for k, v in _HF_REFUSED.items() if kind.endswith(k))
             return f"{name} ({kind}) {why}"
+        if kind.endswith("SwiGLUFFN") and not (isinstance(getattr(m, "down_proj", None), nn.Linear)
+                                              and isinstance(getattr(m, "act_fn", None), nn.Module)):
+            return f"{name} ({kind}) multiplies through an activation that is no module, which has no rule here"
         if model_type in _HF_TYPES and kind.endswith(_HF_ENDINGS):
             return None
         return f"{name} ({kind}) is a transformers module with no AttnLRP rule here"
@@ -365,6 +366,15 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
         rules.pre(m.proj, scale_input(0.5))
     elif _is(m, "timm.models.levit", "Attention", "AttentionDownsample"):
         _levit_rules(m, rules)
+    elif _is(m, "timm.models.vision_transformer", "ParallelScalingBlock"):
+        rules.forward(m.q_norm, half)  # q, k, v and the MLP's hidden units come out of one projection
+        rules.forward(m.k_norm, half)
+        if m.out_proj is not None:  # attention output and MLP hidden units enter one projection side by side
+            d = m.num_heads * m.head_dim
+            hidden = m.out_proj.in_features - d
+            rules.pre(m.out_proj, scale_input(_split_scale([(d, 0.5), (hidden, 1.0)]).to(m.out_proj.weight.device)))
+        else:
+            rules.pre(m.attn_out_proj, scale_input(0.5))
     elif _is(m, "timm.models.swin_transformer_v2", "WindowAttention") or _is(m, "timm.models.xcit", "XCA"):
         rules.around(m, CosineAttentionRules)  # q and k are L2-normalised inside the forward: the rules sit there
         rules.pre(m.proj, scale_input(0.5))
@@ -431,7 +441,7 @@ def _mha_forward(mha: nn.MultiheadAttention):  # noqa: ANN202
 
 _ATTENTIONS = {
     "vitviz.models.layers": ("Attention",),
-    "timm.models.vision_transformer": ("Attention",),
+    "timm.models.vision_transformer": ("Attention", "ParallelScalingBlock"),
     "timm.layers.attention": ("Attention", "AttentionRope"),
     "timm.layers.attention_pool": ("AttentionPoolLatent",),
     "timm.models.eva": ("EvaAttention",),
@@ -481,6 +491,8 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
                     rules.forward(m, l2_rule)
                 elif _is(m, "timm.layers.mlp", "SwiGLU", "GluMlp"):  # act(a) * b: the uniform rule, half to each
                     rules.pre(m.drop1, scale_input(0.5))
+                elif _home(m).startswith("transformers.") and kind.endswith("SwiGLUFFN"):  # the same, in DINOv2
+                    rules.pre(m.down_proj, scale_input(0.5))
                 elif _is(m, "timm.models.beit", "RelativePositionBias"):  # shared by every block: see _attention_rules
                     rules.forward(m, scale_output(2.0))
             # after the norm rules: a norm rule rebuilds its output from its input, so a hook on the same

@@ -197,10 +197,10 @@ def scale_output(scale: float | torch.Tensor) -> Callable[[nn.Module, tuple, tor
     return hook
 
 
-def scale_input(scale: float) -> Callable[[nn.Module, tuple], tuple]:
-    """Forward pre-hook: the module's first input, its gradient times ``scale``."""
+def scale_input(scale: float | torch.Tensor) -> Callable[[nn.Module, tuple], tuple]:
+    """Forward pre-hook: the module's first input, its gradient times ``scale`` (a number or a (D,) vector)."""
     def hook(_module: nn.Module, inputs: tuple) -> tuple:
-        s = torch.tensor(scale, dtype=inputs[0].dtype, device=inputs[0].device)
+        s = torch.as_tensor(scale, dtype=inputs[0].dtype, device=inputs[0].device)
         return (_ScaleGradient.apply(inputs[0], s),) + tuple(inputs[1:])
     return hook
 
