@@ -66,6 +66,7 @@ BUILDERS = {
     "timm-map-pool": lambda: timm_vit(global_pool="map", class_token=False),  # SigLIP's attention pool
     "timm-glu": lambda: timm_vit(mlp_layer=_glu()),
     "eva-rope-swiglu-registers": lambda: _eva(use_rot_pos_emb=True, swiglu_mlp=True, num_reg_tokens=1),
+    "eva-gated-attention": lambda: _eva_gated(),
     "eva-rope-avg-glu": lambda: _eva(use_rot_pos_emb=True, use_abs_pos_emb=False, class_token=False,
                                      global_pool="avg", swiglu_mlp=True, scale_mlp=True),
     "beit-relative-bias": lambda: _beit(use_rel_pos_bias=True, init_values=0.5),
@@ -100,6 +101,16 @@ def _eva(**kw) -> nn.Module:
     cfg = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "num_classes": 4,
            "qkv_bias": True} | kw
     return Eva(**cfg)
+
+
+def _eva_gated() -> nn.Module:
+    """EVA with a sigmoid-gated attention output (and its inner norm) in the second block."""
+    from timm.models.eva import EvaAttention
+
+    model = _eva()
+    model.blocks[1].attn = EvaAttention(16, 2, qkv_bias=True, gated=True, norm_layer=nn.LayerNorm,
+                                        scale_norm=True)
+    return model
 
 
 def _beit(**kw) -> nn.Module:
@@ -442,15 +453,10 @@ def test_forward_values_under_the_rules_are_the_models_own():
 # --- refusals ---------------------------------------------------------------------------------------------
 
 def test_refuses_models_it_does_not_cover_with_the_reason():
-    from timm.models.eva import EvaAttention
-
-    gated = _eva()
-    gated.blocks[1].attn = EvaAttention(16, 2, qkv_bias=True, gated=True, norm_layer=nn.LayerNorm)
     cases = {
         "CNN": vitviz.create_model("resnet18_32", layers=(1, 1, 1), width=8, num_classes=5),
         "training mode": running_stats(MORE["vitviz-hybrid"][0]()).train(),
         "no classifier head": timm_vit(num_classes=0),
-        "gates its output with a sigmoid": gated,
     }
     for words, model in cases.items():
         why = refusal(model if words == "training mode" else model.eval())

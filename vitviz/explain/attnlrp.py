@@ -12,6 +12,8 @@ max pooling, ReLU                           winner takes all / identity rule: th
 LayerNorm / RMSNorm / GroupNorm             identity rule on the normalisation: the std is a constant
                                             (detached), the centring and affine parts stay linear (Prop. 3.4)
 GELU, SiLU, Hardswish, ... (elementwise)    identity rule (Eq. 9): gradient scaled by f(x) / x
+sigmoid gate x signal (EVA's gated          signal-take-all (Arras et al. 2017): the gate is a constant
+attention)                                  backward, all relevance goes to the signal
 L2 normalisation (cosine attention, CLIP)   identity rule: the norm is a constant
 softmax                                     the AttnLRP softmax rule (Prop. 3.1): x_i (R_i - s_i sum_j R_j),
                                             which *is* gradient x input of the softmax: nothing to change
@@ -69,8 +71,8 @@ the softmax's output (``attn_drop``'s input), which halves the gradient at the s
 alike, while the relative position bias's gradient is doubled back so that it absorbs what it would
 under the rule.
 
-Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), sigmoid gates (EVA's
-gated attention), an ``nn.MultiheadAttention`` with separate key/value sizes or key biases, batch norm in
+Other models are refused with the reason (:func:`refusal`): CNNs (use Grad-CAM), sigmoid gates other than
+EVA's gated attention, an ``nn.MultiheadAttention`` with separate key/value sizes or key biases, batch norm in
 training mode and anything without a classifier head. The epsilon rule in a deep CNN stem is gradient x
 input, which is known to be noisy there (LRP composites use the gamma rule on convolutions); how far to
 trust the maps of a hybrid is measured by the trust scorer (``vitviz trust``), not assumed.
@@ -256,7 +258,7 @@ def _covered(name: str, m: nn.Module) -> str | None:
     if _hf_wrapper(m):
         return None  # images in, the wrapped model's logits (or embedding) out
     if kind in _LINEAR or kind in _AS_IS or kind in _ACTIVATIONS or kind in RMS_NORMS or kind in _COVERED.get(home, ()):
-        if getattr(m, "gate", None) is not None:
+        if getattr(m, "gate", None) is not None and not _is(m, "timm.models.eva", "EvaAttention"):
             return f"{name} gates its output with a sigmoid, which has no rule here"
         timm_attention = _is(m, "timm.models.vision_transformer", "Attention") or _is(m, "timm.layers.attention",
                                                                                           "Attention")
@@ -366,6 +368,13 @@ def _attention_rules(m: nn.Module, rules: Installed) -> None:
         rules.pre(m.proj, scale_input(0.5))
     elif _is(m, "timm.models.levit", "Attention", "AttentionDownsample"):
         _levit_rules(m, rules)
+    elif _is(m, "timm.models.eva", "EvaAttention") and m.gate is not None:
+        # a sigmoid gate times the attention output: the signal-take-all rule for multiplicative gates
+        # (Arras et al. 2017) gives the gate no relevance, so it is a constant for the backward pass
+        rules.forward(m.gate, lambda _m, _i, out: out.detach())
+        rules.forward(m.q_norm, half)
+        rules.forward(m.k_norm, half)
+        rules.pre(m.norm if isinstance(getattr(m, "norm", None), nn.Module) else m.proj, scale_input(0.5))
     elif _is(m, "timm.models.vision_transformer", "ParallelScalingBlock"):
         rules.forward(m.q_norm, half)  # q, k, v and the MLP's hidden units come out of one projection
         rules.forward(m.k_norm, half)
