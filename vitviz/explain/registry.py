@@ -40,6 +40,7 @@ class Cost:
     forward: int
     backward: int
     note: str = ""
+    per_channel: bool = False  # one more forward per channel of a feature map the counts cannot know
 
     def __str__(self) -> str:
         text = f"{self.forward} forward + {self.backward} backward"
@@ -270,7 +271,8 @@ register(Method(
     "scorecam", "Score-CAM (Wang et al. 2020)",
     "Channels weighted by the class score of the image masked by each channel's map (pytorch-grad-cam).",
     {**_CAM_PARAMS, "batch": 32}, _CAM,
-    lambda p, _ctx: Cost(1, 0, f"+1 forward per channel of the target layer, {int(p['batch'])} per call"),
+    lambda p, _ctx: Cost(1, 0, f"+1 forward per channel of the target layer, {int(p['batch'])} per call",
+                         per_channel=True),
     like="gradcam", requires=_CAM_REQ, reference="Wang et al., CVPR Workshops 2020"))
 register(Method(
     "eigencam", "Eigen-CAM (Muhammad & Yeasin 2020)",

@@ -157,7 +157,7 @@ def is_slow(method: str, model: nn.Module | None = None, height: int = 224, widt
 
         ctx = cost_context(adapter_for(model), torch.empty(1, 3, height, width))
     cost = spec.cost_for(None, ctx)
-    return cost.forward + cost.backward > SLOW_PASSES or "per channel" in cost.note
+    return cost.forward + cost.backward > SLOW_PASSES or cost.per_channel
 
 
 # --- per-image randomness ----------------------------------------------------------------------------
