@@ -356,11 +356,22 @@ def show_problem(err: BaseException) -> None:
             advice = _dashboard_advice(name) or advice
         st.warning(f"**Pretrained weights for {name or 'this model'} are not on this machine, and the Hugging Face "
                    f"Hub cannot be reached.** {advice}", icon=":material/cloud_off:")
-        st.info("Or switch *Pretrained weights* off in the sidebar to explore the architecture with random weights.")
+        if _random_weights_work(name):
+            st.info("Or switch *Pretrained weights* off in the sidebar to explore the architecture with random "
+                    "weights.")
     elif isinstance(err, VitvizError):
         st.error(str(err))
     else:
         st.error(f"Something went wrong: {type(err).__name__}: {err}")
+
+
+def _random_weights_work(name: str | None) -> bool:
+    """Whether random weights build offline: not for a Hub id whose config.json (its architecture) is not cached."""
+    if not name or not name.startswith("hf:"):
+        return True
+    from vitviz.models.hf import config_cached
+
+    return config_cached(name.removeprefix("hf:"))
 
 
 def _dashboard_advice(name: str | None) -> str | None:

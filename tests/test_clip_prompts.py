@@ -4,6 +4,8 @@ libraries' own image-to-text logits for those prompts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import open_clip
 import pytest
 import torch
@@ -154,22 +156,30 @@ def _word_tokenizer(folder, words: list[str]) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_a_hugging_face_dual_encoder_with_prompts_explains_its_own_logits(tmp_path, x, kind):
+def hf_dual_folder(folder, kind: str = "clip", prompts: Sequence[str] = PROMPTS, size: int = SIZE) -> type:
+    """A tiny random CLIPModel / SiglipModel and a word tokenizer for ``prompts``' words saved into ``folder``;
+    returns the transformers class."""
+    from vitviz.models.clip import DEFAULT_PROMPTS
+
     torch.manual_seed(3)
-    words = sorted({w for p in PROMPTS for w in p.split()})
+    words = sorted({w for p in [*prompts, *DEFAULT_PROMPTS] for w in p.split()})
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 vocab_size=len(words) + 3, max_position_embeddings=16, eos_token_id=2, pad_token_id=0)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=SIZE,
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=size,
                   patch_size=16)
     if kind == "clip":
-        config_cls, model_cls, padding = T.CLIPConfig, T.CLIPModel, True
-        config = config_cls(text_config=text, vision_config=vision, projection_dim=16)
-    else:  # SigLIP: no projection, a learned bias, texts padded to the full length as in training
-        config_cls, model_cls, padding = T.SiglipConfig, T.SiglipModel, "max_length"
-        config = config_cls(text_config=text, vision_config=vision)
-    model_cls(config).save_pretrained(tmp_path)
-    _word_tokenizer(tmp_path, words)
+        model_cls, config = T.CLIPModel, T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    else:  # SigLIP: no projection, a learned bias
+        model_cls, config = T.SiglipModel, T.SiglipConfig(text_config=text, vision_config=vision)
+    model_cls(config).save_pretrained(folder)
+    _word_tokenizer(folder, words)
+    return model_cls
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_hugging_face_dual_encoder_with_prompts_explains_its_own_logits(tmp_path, x, kind):
+    model_cls = hf_dual_folder(tmp_path, kind)
+    padding = True if kind == "clip" else "max_length"  # SigLIP: texts padded to the full length as in training
     model = vitviz.create_model(f"hf:{tmp_path}", prompts=PROMPTS)
     assert isinstance(model, PromptClassifier) and model.class_names == tuple(PROMPTS)
     ref = model_cls.from_pretrained(tmp_path).eval()
@@ -181,6 +191,11 @@ def test_a_hugging_face_dual_encoder_with_prompts_explains_its_own_logits(tmp_pa
     torch.testing.assert_close(details.logits.detach(), expected, atol=1e-5, rtol=1e-5)
     assert float(details.maps.flatten(1).std(1).min()) > 1e-3
     assert adapter_for(model).readout_kind() == ("token" if kind == "clip" else "pool")
+    # Grad-CAM through the prompt similarity: a map per prompt, each varied, and not the same map
+    cams = [explain(model, x, "gradcam", target=t) for t in range(3)]
+    for cam in cams:
+        assert torch.isfinite(cam).all() and float(cam.flatten(1).std(1).min()) > 1e-3
+    assert not torch.allclose(cams[0], cams[1]) and not torch.allclose(cams[1], cams[2])
     # without prompts the same folder is an image tower: embeddings, no classes
     tower = vitviz.create_model(f"hf:{tmp_path}")
     assert not tower.has_head
@@ -210,6 +225,39 @@ def test_cli_explains_a_prompt_and_lists_prompt_probabilities(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "a dog" in text and "explained class: a red car (index 1)" in text
     assert out.is_file() and np.load(out.with_suffix(".npy")).shape == (224, 224)
+
+
+def _probabilities(text: str) -> dict[str, float]:
+    """The CLI's "prompt probabilities:" block as {prompt: probability}."""
+    import re
+
+    rows = text.split("prompt probabilities:")[1].split("explained class")[0]
+    return {m[1].strip(): float(m[2]) for m in re.finditer(r"^\s+\d+\. (.+?)\s+([01]\.\d{4})  \(index", rows, re.M)}
+
+
+def test_cli_on_an_hf_clip_scores_default_prompts_and_prints_every_prompt(tmp_path, capsys):
+    """As open_clip: no --prompt means the default prompts; every prompt's probability is printed (not a top 5)."""
+    import numpy as np
+    from PIL import Image
+
+    from vitviz.explain.cli import main
+    from vitviz.models.clip import DEFAULT_PROMPTS
+
+    many = ["a dog", "a red car", "a cat", "a boat", "a tree", "a house", "a bird"]
+    hf_dual_folder(tmp_path / "clip", "clip", prompts=many, size=32)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    args = [str(tmp_path / "a.png"), "--model", f"hf:{tmp_path / 'clip'}", "--method", "gradcam", "--out",
+            str(tmp_path / "m.png")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "no --prompt given: scoring the default prompts" in captured.err and "--prompt TEXT" in captured.err
+    assert set(_probabilities(captured.out)) == set(DEFAULT_PROMPTS)
+    assert main(args + [a for p in many for a in ("--prompt", p)] + ["--target", "a bird"]) == 0
+    text = capsys.readouterr().out
+    probs = _probabilities(text)
+    assert set(probs) == set(many) and abs(sum(probs.values()) - 1) < 5e-3  # all 7 rows, a distribution
+    assert list(probs.values()) == sorted(probs.values(), reverse=True)
+    assert "top-5" not in text and "explained class: a bird (index 6)" in text
 
 
 def test_the_logit_lens_of_a_prompt_classifier_ends_at_its_logits(clip, x):

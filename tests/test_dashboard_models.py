@@ -7,6 +7,7 @@ import pytest
 import torch
 from dashboard_fixtures import dashboard_env, start_app
 from streamlit.testing.v1 import AppTest
+from test_clip_prompts import hf_dual_folder
 from test_dashboard import assert_clean, chart_keys, charts, errors, texts
 
 TIMEOUT = 240
@@ -22,8 +23,10 @@ def env(demo_folder, tmp_path_factory):
                          image_size=32, patch_size=8, num_labels=2, id2label={0: "kitten", 1: "puppy"},
                          label2id={"kitten": 0, "puppy": 1})
     T.ViTForImageClassification(config).save_pretrained(vit)
+    clip = tmp_path_factory.mktemp("hf_clip")
+    hf_dual_folder(clip, "clip", prompts=["a dog", "a red car", "a cat"], size=32)
     with dashboard_env(demo_folder, HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache"))):
-        yield {"vit": vit}
+        yield {"vit": vit, "clip": clip}
 
 
 def bars(at: AppTest) -> list[str]:
@@ -60,8 +63,25 @@ def test_an_offline_hub_id_gets_advice_in_the_sidebars_words(app):
     assert_clean(app)
     assert not errors(app), errors(app)
     warning = " ".join(w.value for w in app.warning)
-    assert "huggingface-cli download google/vit-base-patch16-224" in warning
+    assert "`hf download google/vit-base-patch16-224`" in warning and "huggingface-cli" not in warning
     assert "sidebar's \"Hugging Face model\" field" in warning and "create_model" not in warning
+    # random weights would need the config.json from the Hub too: not offered
+    assert not any("Pretrained weights* off" in i.value for i in app.info), [i.value for i in app.info]
+
+
+def test_a_hugging_face_clip_folder_scores_the_typed_prompts_with_one_map_each(app, env):
+    app.button_group(key="model_source").set_value("Hugging Face").run()
+    app.text_input(key="hf_source").input(str(env["clip"])).run()
+    app.text_area(key="hf_prompts").input("a dog\na red car\na cat").run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    assert "Prompt probabilities" in texts(app)
+    assert all(any(f"**{p}**" in b for b in bars(app)) for p in ("a dog", "a red car", "a cat")), bars(app)
+    app.toggle(key="every_prompt").set_value(True).run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    keys = chart_keys(app)
+    assert {"prompt_map_0", "prompt_map_1", "prompt_map_2"} <= keys and "prompt_map_3" not in keys, keys
 
 
 def test_clip_prompts_are_the_classes_with_one_map_per_prompt(app):

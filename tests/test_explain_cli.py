@@ -175,3 +175,63 @@ def test_layers_count_from_one_and_reach_the_api_from_zero(files, method, flag, 
 def test_help_says_layers_count_from_one():
     text = " ".join(build_parser().format_help().split())
     assert "--layer L" in text and "counted from 1" in text
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """No network and an empty Hugging Face home; huggingface_hub read its constants at import, so they follow."""
+    import huggingface_hub.constants as hc
+
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(home / "hub"))
+    return home / "hub"
+
+
+def _one_error_line(err: str) -> bool:
+    """One line of error (progress lines, "loading ...", may come before it)."""
+    return [line.startswith("vitviz explain: error: ") for line in err.splitlines()][-1:] == [True] and \
+        err.count("error:") == 1
+
+
+def test_an_uncached_hf_hub_id_offline_gets_advice_that_can_work(files, capsys, offline_hub):
+    args = [str(files / "scene.png"), "--model", "hf:google/vit-base-patch16-224", "--out", str(files / "hf.png")]
+    for extra in ([], ["--random-weights"]):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert _one_error_line(err) and "Traceback" not in err, err
+        assert "`hf download google/vit-base-patch16-224`" in err and "--model hf:/path/to/folder" in err
+        # random weights need the config.json from the Hub too: never offered, and explained when asked for
+        assert "pass --random-weights" not in err and "huggingface-cli" not in err and "create_model" not in err
+        assert ("even random weights need its config.json" in err) == bool(extra), err
+
+
+def test_an_hf_hub_id_with_only_its_config_cached_offers_random_weights(files, capsys, offline_hub):
+    import transformers as T
+
+    commit = "0" * 40
+    base = offline_hub / "models--someone--tiny-vit"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8, num_labels=3).save_pretrained(base / "snapshots" / commit)  # config.json, no weights
+    args = [str(files / "scene.png"), "--model", "hf:someone/tiny-vit", "--out", str(files / "tiny.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "pass --random-weights to explore the architecture" in err and "`hf download someone/tiny-vit`" in err
+    assert main(args + ["--random-weights"]) == 0, capsys.readouterr().err  # and the advice holds
+    assert np.load(files / "tiny.npy").shape == (32, 32)
+
+
+def test_uncached_open_clip_weights_offline_offer_a_file_or_random_weights(files, capsys, offline_hub):
+    assert main([str(files / "scene.png"), "--model", "open_clip:ViT-B-32", "--pretrained", "openai", "--out",
+                 str(files / "clip.png")]) == 2
+    err = capsys.readouterr().err
+    assert _one_error_line(err) and "Traceback" not in err, err
+    assert "huggingface.co/timm/vit_base_patch32_clip_224.openai" in err
+    assert "--pretrained-file /path/to/open_clip_model.safetensors" in err and "--random-weights" in err

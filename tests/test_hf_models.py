@@ -19,6 +19,16 @@ from vitviz.models.hf import HFImageModel, hf_advice
 
 VIT_KW = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
               patch_size=8)
+TEXT_KW = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=20,
+               max_position_embeddings=8)
+
+
+def _with_text(config_cls):
+    """A CLIP / SigLIP config built like the vision configs: the vision fields given, a one-layer text side."""
+    def make(num_labels: int, **vision):
+        return config_cls(vision_config=vision, text_config=TEXT_KW, num_labels=num_labels)
+
+    return make
 
 
 def _token(out, prefix, n):  # the class token
@@ -39,7 +49,7 @@ def _patch_mean(out, prefix, n):
     return w
 
 
-def _cls_and_mean(out, prefix, n):  # Dinov2ForImageClassification: [class token, patch mean]
+def _cls_and_mean(out, prefix, n):  # Dinov2(WithRegisters)ForImageClassification: [class token, patch mean]
     return 0.5 * _token(out, prefix, n) + 0.5 * _patch_mean(out, prefix, n)
 
 
@@ -57,12 +67,19 @@ def _siglip_pool(model):
 ARCHS = {
     "vit": (T.ViTConfig, T.ViTForImageClassification, {}, _token, 1, True),
     "deit": (T.DeiTConfig, T.DeiTForImageClassificationWithTeacher, {}, _dist, 2, True),
+    "deit-plain": (T.DeiTConfig, T.DeiTForImageClassification, {}, _token, 2, True),  # distillation token unread
     "beit": (T.BeitConfig, T.BeitForImageClassification, {}, _patch_mean, 1, True),
     "dinov2": (T.Dinov2Config, T.Dinov2ForImageClassification, {}, _cls_and_mean, 1, True),
     "dinov2-reg": (T.Dinov2WithRegistersConfig, T.Dinov2WithRegistersModel, {"num_register_tokens": 2}, _token, 3,
                    False),
+    "dinov2-reg-cls": (T.Dinov2WithRegistersConfig, T.Dinov2WithRegistersForImageClassification,
+                       {"num_register_tokens": 2}, _cls_and_mean, 3, True),
     "clip": (T.CLIPVisionConfig, T.CLIPVisionModel, {}, _token, 1, False),
+    "clip-proj": (T.CLIPVisionConfig, T.CLIPVisionModelWithProjection, {"projection_dim": 16}, _token, 1, False),
     "siglip": (T.SiglipVisionConfig, T.SiglipVisionModel, {}, None, 0, False),
+    # CLIP / SigLIP fine-tunes: the dual encoder's config, a classifier on the tower's mean token
+    "clip-cls": (_with_text(T.CLIPConfig), T.CLIPForImageClassification, {}, _patch_mean, 1, True),
+    "siglip-cls": (_with_text(T.SiglipConfig), T.SiglipForImageClassification, {}, _patch_mean, 0, True),
 }
 
 
@@ -112,9 +129,9 @@ def test_rollout_equals_the_models_own_eager_attentions(folders, x, name):
     expected = naive_rollout_row(attentions, w)[:, prefix:].reshape(2, 4, 4)
     got = explain_details(model, x, "rollout", upsample=False)
     torch.testing.assert_close(got.grid_maps.double(), expected, atol=1e-6, rtol=1e-4)
-    # the logits of that same pass are the model's own
-    torch.testing.assert_close(got.logits, out.logits if has_head else out.pooler_output.flatten(1),
-                               atol=1e-5, rtol=1e-5)
+    # the logits of that same pass are the model's own (a tower: its pooled output or projected image_embeds)
+    own = out.logits if has_head else out.image_embeds if "image_embeds" in out else out.pooler_output.flatten(1)
+    torch.testing.assert_close(got.logits, own, atol=1e-5, rtol=1e-5)
     # the recorded weights are the model's eager weights, layer by layer
     cap = capture_attention(model, x)
     for mine, theirs in zip(cap.attentions, attentions, strict=True):
@@ -172,6 +189,41 @@ def test_an_error_inside_a_recorded_call_restores_sdpa(folders, x):
         assert model.hf.config._attn_implementation == "eager"
         raise RuntimeError("boom")
     assert model.hf.config._attn_implementation == "sdpa"
+
+
+def test_towers_return_the_embedding_the_model_itself_returns(folders, x):
+    """CLIPVisionModelWithProjection has no pooler_output: its embedding is image_embeds (post-norm class token,
+    projected), not the raw class token; the bare towers' is their pooler_output (SigLIP: the attention pool)."""
+    for name, field in (("clip-proj", "image_embeds"), ("clip", "pooler_output"), ("siglip", "pooler_output")):
+        model = vitviz.create_model(f"hf:{folders[name]}")
+        with torch.no_grad():
+            out = _eager(folders[name])(pixel_values=x)
+            got = model(x)
+        torch.testing.assert_close(got, out[field], atol=1e-5, rtol=1e-5)
+        # not the raw class token, nor (SigLIP) the token mean that stands in where there is no pooler
+        for wrong in (out.last_hidden_state[:, 0], out.last_hidden_state.mean(1)):
+            assert got.shape != wrong.shape or not torch.allclose(got, wrong, atol=1e-3), name
+    assert vitviz.create_model(f"hf:{folders['clip-proj']}").output == "image_embeds"
+
+
+@pytest.mark.parametrize("name", ["clip-cls", "siglip-cls"])
+def test_clip_and_siglip_fine_tunes_are_classifiers_with_their_labels(tmp_path, x, name):
+    config_factory, model_cls, *_ = ARCHS[name]
+    config = config_factory(num_labels=2, **VIT_KW)
+    config.id2label, config.label2id = {0: "tabby", 1: "husky"}, {"tabby": 0, "husky": 1}
+    torch.manual_seed(2)
+    model_cls(config).save_pretrained(tmp_path)
+    model = vitviz.create_model(f"hf:{tmp_path}")
+    assert model.has_head and model.class_names == ("tabby", "husky") and model.output == "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _eager(str(tmp_path))(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"already has 2 classes of its own \(tabby, husky\).*Leave the prompts out"):
+        vitviz.create_model(f"hf:{tmp_path}", prompts=["a dog"])
+    from vitviz.models.hf import is_dual, with_prompts
+
+    assert not is_dual(model)
+    with pytest.raises(ConfigError, match="already has 2 classes"):
+        with_prompts(model, ["a dog"])
 
 
 def test_preprocessing_comes_from_the_folders_processor_config(folders, tmp_path):
@@ -238,7 +290,8 @@ def test_hub_ids_load_from_the_local_cache_offline_and_advise_when_missing(folde
     torch.testing.assert_close(model(x), vitviz.create_model(f"hf:{folders['vit']}")(x))
     with pytest.raises(WeightsUnavailableError) as err:
         vitviz.create_model("hf:google/vit-base-patch16-224")
-    assert "huggingface-cli download google/vit-base-patch16-224" in str(err.value)
+    assert "`hf download google/vit-base-patch16-224`" in str(err.value)
+    assert "huggingface-cli" not in str(err.value)  # huggingface_hub >= 1.0 ships `hf`
     assert err.value.hub_id == "google/vit-base-patch16-224"
     assert "--model hf:" in hf_advice("google/vit-base-patch16-224", "cli")
     assert "sidebar" in hf_advice("google/vit-base-patch16-224", "dashboard")
@@ -309,3 +362,96 @@ def test_legrad_on_a_hugging_face_vit_reads_each_layer_through_its_head(folders,
     torch.testing.assert_close(res.per_layer[-1], expected, atol=1e-6, rtol=1e-4)
     assert res.per_layer.shape == (3, 2, 4, 4) and float(res.maps.std()) > 0
     torch.testing.assert_close(res.logits, model(x).detach())
+
+
+def test_vitviz_represent_reads_an_hf_folder(folders, tmp_path):
+    """``vitviz represent --models hf:FOLDER`` on a folder of class sub-folders: CKA over the model's own layers,
+    its logit lens and attention distances, one entry per transformers layer."""
+    import numpy as np
+    from PIL import Image
+
+    from vitviz.cli import main
+
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        sub = tmp_path / "images" / f"c{k % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(sub / f"{k}.png")
+    name = f"hf:{folders['vit']}"
+    out = tmp_path / "out"
+    assert main(["represent", "--models", name, "--images", str(tmp_path / "images"), "--n", "8", "--batch-size",
+                 "4", "--embed", "none", "--gallery", "0", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 8 and [m["name"] for m in report["models"]] == [name]
+    layers = [layer.label for layer in adapter_for(vitviz.create_model(name)).layers()]  # the model's module paths
+    (cka,) = report["cka"]
+    assert cka["labels_a"] == cka["labels_b"] == layers and len(layers) == 3 and cka["examples"] == 8
+    grid = np.asarray(cka["grid"])
+    np.testing.assert_allclose(np.diag(grid), 1.0, atol=1e-5)  # each layer against itself
+    np.testing.assert_allclose(grid, grid.T, atol=1e-5)
+    (lens,) = report["lens"]
+    assert lens["model"] == name and lens["layers"] == 3 and lens["agreement"][-1] == 1.0  # the last layer: the logits
+    (dist,) = report["attention_distance"]
+    assert len(dist["mean_px"]) == 3 and all(0 < d < 32 * 2 ** 0.5 for d in dist["mean_px"])
+    assert lens["labels"] == layers
+    assert (out / "report.md").is_file() and all((out / f).is_file() for f in report["figures"])
+
+
+def test_whether_to_try_the_hub_follows_offline_mirror_and_proxy_settings(monkeypatch):
+    from vitviz.models import pretrained
+    from vitviz.models.pretrained import hub_check, hub_reachable
+
+    assert hub_check({}) == ("socket", ("huggingface.co", 443))
+    assert hub_check({"HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://proxy:3128"}) == ("offline", None)
+    assert hub_check({"HF_HUB_OFFLINE": "0"}) == ("socket", ("huggingface.co", 443))
+    # a mirror: its own host and port are what must answer
+    assert hub_check({"HF_ENDPOINT": "https://hf-mirror.com"}) == ("socket", ("hf-mirror.com", 443))
+    assert hub_check({"HF_ENDPOINT": "http://mirror.lan:8080/"}) == ("socket", ("mirror.lan", 8080))
+    # a proxy carries the traffic: a raw socket cannot test that route, the download client decides
+    assert hub_check({"HTTPS_PROXY": "http://proxy:3128"}) == ("defer", None)
+    assert hub_check({"all_proxy": "socks5://proxy:1080"}) == ("defer", None)
+    assert hub_check({"https_proxy": "http://proxy:3128", "no_proxy": ".huggingface.co"})[0] == "socket"
+    assert hub_check({"HTTP_PROXY": "http://proxy:3128"})[0] == "socket"  # plain http: not the Hub's https
+    assert hub_check({"HTTP_PROXY": "http://p:1", "HF_ENDPOINT": "http://mirror.lan"}) == ("defer", None)
+
+    tried = []
+
+    class Refused:
+        def __init__(self, address, timeout):
+            tried.append(address)
+            raise OSError("refused")
+
+    monkeypatch.setattr(pretrained.socket, "create_connection", Refused)
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.com")
+    assert hub_reachable() is False and tried == [("hf-mirror.com", 443)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert hub_reachable() is True and len(tried) == 1  # not forced offline: transformers tries through the proxy
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_recording_one_layer_runs_only_that_layer_eagerly(folders, x, name):
+    """The attention map of one layer: its module alone takes the eager path, the others keep SDPA."""
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    attention = [m for m in model.hf.modules() if hasattr(m, "config") and hasattr(m, "scaling") or
+                 type(m).__name__ == "SwinAttention"]
+    seen: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda m, _i: seen.append(m.config._attn_implementation))
+               for m in attention]
+    try:
+        cap = capture_attention(model, x, only_layer=1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(attention) == len(seen) >= 3 and seen[1] == "eager" and seen.count("eager") == 1, seen
+    with torch.no_grad():
+        out = _eager(folders[name])(pixel_values=x, output_attentions=True)
+    if name == "vit":  # the one layer recorded is the model's own eager weights of that layer
+        assert len(cap.attentions) == 1
+        torch.testing.assert_close(cap.attentions[0], out.attentions[1], atol=1e-6, rtol=1e-5)
+    assert all(m.config._attn_implementation == "sdpa" for m in attention)  # the copies are gone
+    assert all(m.config is model.hf.config or m.config is getattr(model.hf.config, "vision_config", None)
+               for m in attention)

@@ -99,3 +99,68 @@ def test_torchrun_shards_merge_to_the_single_process_result(setup, tmp_path):
         for k, s in a["methods"][m]["metrics"].items():
             t = b["methods"][m]["metrics"][k]
             assert s["mean"] == pytest.approx(t["mean"], abs=1e-5) and s["low"] == pytest.approx(t["low"], abs=1e-5)
+
+
+FEW = ["--methods", "rollout,chefer,gradcam", "--sanity-images", "2", "--bootstrap", "50", "--batch-size", "3",
+       "--threads", "1", "--device", "cpu"]
+
+
+def _photos(root: Path, n: int = 3) -> Path:
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (30 + 5 * i, 34, 3), dtype=np.uint8)).save(root / f"q{i}.png")
+    return root
+
+
+def test_trust_scores_a_hugging_face_folder(tmp_path):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    folder = tmp_path / "hf_vit"
+    T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, image_size=32, patch_size=8,
+                                            num_labels=3)).save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["trust", "--model", f"hf:{folder}", "--images", str(_photos(tmp_path / "p")), "--out", str(out),
+                 *FEW]) == 0
+    report = json.loads((out / "trust.json").read_text())
+    assert report["model"] == f"hf:{folder}" and report["images"] == 3
+    assert sorted(report["ranking"]) == ["chefer", "gradcam", "rollout"] and "prompts" not in report
+    assert report["protocol"]["unit"] == 8  # the model's own patch, read through the adapter
+    for m, e in report["methods"].items():
+        assert len(e["sanity"]["spearman"]) == len(e["sanity"]["stages"]) > 0, m
+        assert all(0.0 <= v <= 1.0 for v in report["per_image"]["scores"][m]["deletion_auc"]), m
+
+
+def test_trust_scores_a_clip_on_the_users_prompts(tmp_path, monkeypatch):
+    """open_clip's ViT-B-32 shrunk as in test_clip_prompts (the CLI has no size flags: create_model gets them)."""
+    import torch
+    from test_clip_prompts import TINY
+
+    import vitviz
+
+    create = vitviz.create_model
+
+    def tiny(name, **kwargs):
+        torch.manual_seed(0)
+        return create(name, **kwargs, **(TINY if name.startswith("open_clip:") else {}))
+
+    monkeypatch.setattr(vitviz, "create_model", tiny)
+    prompts = ["a striped shape", "a red square", "a green disc", "a blue ring"]
+    out = tmp_path / "out"
+    args = ["trust", "--model", "open_clip:ViT-B-32", "--random-weights", "--images", str(_photos(tmp_path / "p")),
+            "--out", str(out), *FEW]
+    assert main([*args, *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    report = json.loads((out / "trust.json").read_text())
+    assert report["prompts"] == prompts and report["images"] == 3
+    assert sorted(report["ranking"]) == ["chefer", "gradcam", "rollout"]
+    md = (out / "trust.md").read_text()
+    assert 'Classes: the prompts "a striped shape"; "a red square"; "a green disc"; "a blue ring".' in md
+    assert report["protocol"]["unit"] == 16  # the shrunk ViT-B-32's 16-px patches at 64 px
+    # without --prompt, the default prompts (as vitviz explain)
+    from vitviz.models.clip import DEFAULT_PROMPTS
+
+    assert main([*args, "--methods", "rollout", "--out", str(tmp_path / "default")]) == 0  # the last flag wins
+    assert json.loads((tmp_path / "default" / "trust.json").read_text())["prompts"] == list(DEFAULT_PROMPTS)

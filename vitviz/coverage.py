@@ -4,7 +4,8 @@
 it, so the table and the tests can never disagree. Each model is built with random weights at a small
 size (zero-initialised norm gains set to one): coverage is a property of the architecture, not of the
 weights. timm models come from ``timm.create_model``; Hugging Face models are built from a tiny config,
-saved with ``save_pretrained`` into a temporary folder and opened with ``create_model("hf:<folder>")``;
+saved with ``save_pretrained`` into a temporary folder and opened with ``create_model("hf:<folder>")``
+(a CLIPModel / SiglipModel with a word-level tokenizer written beside it and five prompts as its classes);
 the open_clip CLIP is a shrunk ViT-B-32 whose classes are five prompts.
 """
 
@@ -42,6 +43,9 @@ _VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads
 _VIT14 = {"img_size": 28, "patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 3}
 _HF = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 96, "image_size": 32,
        "patch_size": 8}
+# the text side of the dual encoders: as wide as the vision side (SigLIP compares them without a projection)
+_HF_TEXT = {"hidden_size": 48, "num_hidden_layers": 1, "num_attention_heads": 3, "intermediate_size": 96,
+            "vocab_size": 16, "max_position_embeddings": 16, "eos_token_id": 2, "pad_token_id": 0}
 _SWIN = {"img_size": 64, "depths": (1, 1, 1, 1), "window_size": 2, "embed_dim": 24, "num_heads": (1, 1, 2, 2)}
 
 COVERAGE_MODELS: tuple[CoverageModel, ...] = (
@@ -102,6 +106,11 @@ COVERAGE_MODELS: tuple[CoverageModel, ...] = (
     CoverageModel("HF CLIP tower, headless", "CLIPVisionModel", {"config": "CLIPVisionConfig", **_HF}, source="hf"),
     CoverageModel("HF SigLIP tower, headless", "SiglipVisionModel", {"config": "SiglipVisionConfig", **_HF},
                   source="hf"),
+    CoverageModel("HF CLIP + prompts", "CLIPModel",
+                  {"config": "CLIPConfig", "vision_config": _HF, "text_config": _HF_TEXT, "projection_dim": 16},
+                  source="hf"),
+    CoverageModel("HF SigLIP + prompts", "SiglipModel",
+                  {"config": "SiglipConfig", "vision_config": _HF, "text_config": _HF_TEXT}, source="hf"),
     CoverageModel("open_clip CLIP + prompts", "ViT-B-32", {
         "embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 48, "head_width": 24, "patch_size": 8},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
@@ -170,9 +179,27 @@ def _build_hf(entry: CoverageModel, seed: int, num_classes: int) -> nn.Module:
     folder = tempfile.mkdtemp(prefix="vitviz-coverage-")
     try:
         getattr(transformers, entry.name)(config).save_pretrained(folder)
-        return vitviz.create_model(f"hf:{folder}")
+        if "text_config" not in fields:
+            return vitviz.create_model(f"hf:{folder}")
+        prompts = [f"a photo of shape {i}" for i in range(num_classes)]  # a dual encoder: the prompts are its classes
+        _word_tokenizer(folder, prompts)
+        return vitviz.create_model(f"hf:{folder}", prompts=prompts)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _word_tokenizer(folder: str, texts: list[str]) -> None:
+    """A word-level fast tokenizer over ``texts``' words, saved like a Hub tokenizer (no vocabulary download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in texts for w in t.split()})
+    tok = Tokenizer(models.WordLevel(vocab={"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in
+                                                                                      enumerate(words)}},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                            model_max_length=16).save_pretrained(folder)
 
 
 def input_for(entry: CoverageModel, batch: int = 1, seed: int = 1) -> torch.Tensor:

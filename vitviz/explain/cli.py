@@ -1,4 +1,6 @@
-"""``vitviz explain``: a saliency overlay PNG and the raw map (.npy) for one image, plus top-5 predictions.
+"""``vitviz explain``: a saliency overlay PNG and the raw map (.npy) for one image, plus top-5 predictions
+(for a CLIP, every prompt's probability; without ``--prompt`` a CLIP scores
+:data:`~vitviz.models.clip.DEFAULT_PROMPTS`).
 
     vitviz explain IMAGE (--checkpoint PATH | --model timm:NAME | hf:ID | open_clip:ARCH
         [--pretrained-file F | --pretrained TAG | --random-weights] [--prompt TEXT ...]) --method M
@@ -148,7 +150,11 @@ def _run(args: argparse.Namespace) -> int:
     from vitviz.explain import adapter_for
 
     if adapter_for(model).has_head:
-        _print_top5(torch.softmax(result.logits[0].float(), dim=-1).cpu(), names, result.target)
+        from vitviz.models.clip import PromptClassifier
+
+        # prompts are few (at most MAX_PROMPTS) and typed by the user: show every one, not a top 5
+        _print_top5(torch.softmax(result.logits[0].float(), dim=-1).cpu(), names, result.target,
+                    every=isinstance(model, PromptClassifier))
     else:
         print("this model has no classifier head (it returns features): no prediction to show")
     print(f"wrote {out} (overlay, {args.method}) and {npy} (map {saliency.shape[0]}x{saliency.shape[1]}, "
@@ -342,27 +348,50 @@ def _load_other(args: argparse.Namespace, name: str):
     try:
         model = vitviz.create_model(name, **kwargs)
     except WeightsUnavailableError as err:
-        if clip:
-            from vitviz.models.clip import open_clip_advice
+        raise _offline(args, name, err) from err
+    if not args.prompt:
+        from vitviz.models.clip import DEFAULT_PROMPTS
+        from vitviz.models.hf import is_dual, with_prompts
 
-            advice = open_clip_advice(name.removeprefix("open_clip:"), args.pretrained or "", "cli")
-        else:
-            from vitviz.models.hf import hf_advice
-
-            advice = hf_advice(name.removeprefix("hf:"), "cli")
-        raise WeightsUnavailableError(f"{name}: the weights are not here and cannot be downloaded now. {advice} "
-                                      "Or pass --random-weights to explore the architecture.",
-                                      model_name=name, hub_id=getattr(err, "hub_id", None)) from err
+        if clip or is_dual(model):  # as open_clip: a CLIP without --prompt scores the default prompts
+            print(f"no --prompt given: scoring the default prompts ({'; '.join(DEFAULT_PROMPTS)}); pass --prompt TEXT "
+                  "(repeat it) for your own classes", file=sys.stderr)
+            if not clip:
+                model = with_prompts(model, DEFAULT_PROMPTS)
     model = model.to(_device(args.device)).eval()
     pre = model.preprocessing
     names = list(model.class_names) or None
     return model, pre["img_size"], pre["mean"], pre["std"], names
 
 
-def _print_top5(probs, names: list[str] | None, target) -> None:
-    k = min(5, probs.numel())
+def _offline(args: argparse.Namespace, name: str, err: WeightsUnavailableError) -> WeightsUnavailableError:
+    """The offline error of an hf: or open_clip: model, with only the ways out that work from here."""
+    if name.startswith("open_clip:"):  # the architecture ships with open_clip: random weights always build
+        from vitviz.models.clip import open_clip_advice
+
+        advice = open_clip_advice(name.removeprefix("open_clip:"), args.pretrained or "", "cli")
+        return WeightsUnavailableError(f"{name}: the weights are not here and cannot be downloaded now. {advice} "
+                                       "Or pass --random-weights to explore the architecture.",
+                                       model_name=name, hub_id=getattr(err, "hub_id", None))
+    from vitviz.models.hf import config_cached, hf_advice
+
+    source = name.removeprefix("hf:")
+    advice = hf_advice(source, "cli")
+    if args.random_weights:  # a Hub id's architecture is its config.json, which is not here either
+        what = "even random weights need its config.json, which is not in the local Hugging Face cache"
+    else:
+        what = "the model is not in the local Hugging Face cache"
+        if config_cached(source):  # only the weights are missing: its architecture can still be explored
+            advice += " Or pass --random-weights to explore the architecture (its config is cached here)."
+    return WeightsUnavailableError(f"{name}: {what}, and the Hub cannot be reached. {advice}",
+                                   model_name=name, hub_id=getattr(err, "hub_id", None))
+
+
+def _print_top5(probs, names: list[str] | None, target, every: bool = False) -> None:
+    """The top-5 classes with their probabilities; ``every``: all of them, by probability (a CLIP's prompts)."""
+    k = probs.numel() if every else min(5, probs.numel())
     top = probs.topk(k)
-    print("top-5 predictions:")
+    print("prompt probabilities:" if every else "top-5 predictions:")
     for rank, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
         label = names[i] if names and i < len(names) else f"class {i}"
         print(f"  {rank}. {label:<30} {p:.4f}  (index {i})")

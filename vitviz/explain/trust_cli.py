@@ -1,6 +1,7 @@
 """``vitviz trust``: which explanation to trust for a model, measured on the user's own images.
 
-    vitviz trust (--checkpoint FILE | --model timm:NAME|hf:ID [--pretrained-file F | --random-weights])
+    vitviz trust (--checkpoint FILE | --model timm:NAME|hf:ID|open_clip:ARCH
+                  [--pretrained-file F | --pretrained TAG | --random-weights] [--prompt TEXT ...])
         (--images DIR | --dataset NAME [--n N] [--split test]) --out DIR
         [--methods a,b,...] [--skip-slow] [--target predicted|label] [--steps 16] [--unit PX]
         [--sanity-images 8] [--bootstrap 1000] [--batch-size 16] [--device auto] [--seed 0]
@@ -53,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="FILE", help="a vitviz checkpoint (.safetensors)")
-    src.add_argument("--model", metavar="timm:NAME|hf:ID", help="a timm or Hugging Face model (as vitviz explain)")
-    p.add_argument("--pretrained-file", metavar="F", help="safetensors weights for --model timm:NAME")
+    src.add_argument("--model", metavar="timm:NAME|hf:ID|open_clip:ARCH",
+                     help="a timm, Hugging Face or open_clip model (as vitviz explain)")
+    p.add_argument("--pretrained-file", metavar="F", help="safetensors weights for --model timm:NAME or open_clip:ARCH")
+    p.add_argument("--pretrained", metavar="TAG", help="open_clip weights tag, e.g. openai")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a CLIP class, as text (repeat for several): the methods are scored on these prompts "
+                        "(default: vitviz's default prompts)")
     p.add_argument("--random-weights", action="store_true", help="--model with random weights (downloads nothing)")
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--images", metavar="DIR", help="a folder of images (PNG, JPEG, WebP, BMP, GIF, TIFF)")
@@ -128,7 +134,8 @@ def _load_model(args: argparse.Namespace, device: str):
     from vitviz.explain.cli import _load_model as load
 
     ns = argparse.Namespace(checkpoint=args.checkpoint, model=args.model, pretrained_file=args.pretrained_file,
-                            random_weights=args.random_weights, pretrained=None, prompt=None, device=device)
+                            random_weights=args.random_weights, pretrained=args.pretrained, prompt=args.prompt,
+                            device=device)
     return load(ns)
 
 
@@ -237,8 +244,13 @@ def _run(args: argparse.Namespace) -> int:
         report.update(model=source, data=data, device=device, processes=world,
                       command="vitviz trust " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["trust"] else "")
         from vitviz.explain.trust import markdown_table
+        from vitviz.models.clip import PromptClassifier
 
-        md = f"# Which explanation to trust: {source} on {data}\n\n" + markdown_table(report)
+        classes = ""
+        if isinstance(model, PromptClassifier):  # the classes scored are the prompts: say which
+            report["prompts"] = list(model.prompts)
+            classes = "Classes: the prompts " + "; ".join(f'"{t}"' for t in model.prompts) + ".\n\n"
+        md = f"# Which explanation to trust: {source} on {data}\n\n" + classes + markdown_table(report)
         (out / "trust.md").write_text(md)
         (out / "trust.json").write_text(json.dumps({**report, "per_image": per_image(merged)}, indent=1))
         write_html(out / "trust.html", report, title=f"Which explanation to trust: {source} on {data}")

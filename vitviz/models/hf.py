@@ -9,9 +9,11 @@ attention implementation it was loaded with; the explanation adapters
 eager path for the calls they record.
 
 Covered: ViT, DeiT (with and without the distillation head), BEiT, DINOv2 (with and without
-registers), Swin, and CLIP / SigLIP image towers, from ``*ForImageClassification``, the bare
-``*Model`` and the dual-encoder ``CLIPModel`` / ``SiglipModel`` checkpoints. A dual encoder with
-``prompts`` becomes a :class:`~vitviz.models.clip.PromptClassifier` whose classes are the prompts.
+registers), Swin, and CLIP / SigLIP image towers, from ``*ForImageClassification`` (CLIP and SigLIP
+fine-tunes included: classifiers with their own labels), the bare ``*Model``,
+``CLIPVisionModelWithProjection`` (its projected ``image_embeds``) and the dual-encoder ``CLIPModel`` /
+``SiglipModel`` checkpoints. A dual encoder with ``prompts`` becomes a
+:class:`~vitviz.models.clip.PromptClassifier` whose classes are the prompts.
 
 Weights come from a local folder (``save_pretrained`` layout), the local Hugging Face cache, or a
 download through transformers' own loader when the Hub can be reached. Offline with none of these,
@@ -34,7 +36,8 @@ from torch import nn
 from vitviz.errors import ConfigError, WeightsUnavailableError
 from vitviz.images import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["HF_PREFIX", "HFImageModel", "SUPPORTED_TYPES", "hf_advice", "is_dual", "load_hf_model", "with_prompts"]
+__all__ = ["HF_PREFIX", "HFImageModel", "SUPPORTED_TYPES", "config_cached", "hf_advice", "is_dual", "load_hf_model",
+           "with_prompts"]
 
 HF_PREFIX = "hf:"
 
@@ -64,8 +67,11 @@ def hf_advice(source: str, where: str = "api") -> str:
     """How to get ``source``'s files onto an offline machine, in the words of ``where`` ("api", "cli", "dashboard")."""
     if where not in WHERE:
         raise ConfigError(f"where must be one of {', '.join(WHERE)}, got {where!r}.")
-    return (f"On a machine with network run `huggingface-cli download {source} --local-dir {Path(source).name}` "
-            f"(or model.save_pretrained(folder) after from_pretrained), copy the folder here and {WHERE[where]}.")
+    # `hf` is huggingface_hub's command line (>= 1.0; it replaced `huggingface-cli`)
+    return (f"When this machine has network, `hf download {source}` puts it into the local Hugging Face cache, "
+            f"where later runs find it offline. Otherwise run `hf download {source} --local-dir "
+            f"{Path(source).name}` on a machine with network (or model.save_pretrained(folder) after "
+            f"from_pretrained), copy the folder here and {WHERE[where]}.")
 
 
 class HFImageModel(nn.Module):
@@ -73,7 +79,7 @@ class HFImageModel(nn.Module):
 
     ``output`` says what :meth:`forward` returns: "logits" (a classifier), "pooled" (the model's pooled
     output: class token, attention pool, mean of the last stage) or "image_embeds" (a dual encoder's
-    projected image embedding).
+    or ``CLIPVisionModelWithProjection``'s image embedding, as ``get_image_features`` computes it).
     """
 
     def __init__(self, hf: nn.Module, *, source: str, output: str, preprocessing: dict[str, Any]) -> None:
@@ -92,8 +98,10 @@ class HFImageModel(nn.Module):
 
     @property
     def vision(self) -> nn.Module:
-        """The module that runs the image encoder (the dual encoder's vision tower, else the model)."""
-        return self.hf.vision_model if self.model_type in _DUAL else self.hf
+        """The module that runs the image encoder: the ``vision_model`` of a dual encoder, a CLIP / SigLIP
+        classifier or a tower with projection; else the model itself."""
+        tower = getattr(self.hf, "vision_model", None)
+        return tower if isinstance(tower, nn.Module) else self.hf
 
     @property
     def has_head(self) -> bool:
@@ -117,7 +125,8 @@ class HFImageModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, classes) logits, or (B, D) pooled features / image embeddings."""
-        if self.output == "image_embeds":  # a dual encoder's image embedding, as get_image_features computes it
+        if self.output == "image_embeds":  # the image embedding, as get_image_features computes it
+            # CLIP: the post-norm class token, projected; SigLIP: the attention pool (no projection)
             pooled = self.vision(pixel_values=x, **self._kwargs(x)).pooler_output  # (B, D)
             projection = getattr(self.hf, "visual_projection", None)
             return projection(pooled) if projection is not None else pooled  # (B, E)
@@ -160,10 +169,9 @@ def load_hf_model(source: str | os.PathLike, *, prompts: Sequence[str] | None = 
         raise ConfigError(
             f"hf:{source} is a {model_type!r} model; vitviz explains these Hugging Face image models: "
             f"{', '.join(sorted(set(SUPPORTED_TYPES.values())))}. Use a timm name (timm:<name>) for other families.")
-    if prompts is not None and model_type not in _DUAL:
-        raise ConfigError(f"prompts need a CLIP or SigLIP model with its text encoder; hf:{source} is "
-                          f"{SUPPORTED_TYPES[model_type]}.")
     cls = _model_class(transformers, config)
+    if prompts is not None and not _dual_class(model_type, cls.__name__):
+        raise _no_prompts(source, model_type, cls.__name__, config)
     attn = config_overrides.pop("attn_implementation", None)
     kwargs: dict[str, Any] = {"attn_implementation": attn} if attn else {}
     if offline:
@@ -187,7 +195,24 @@ def load_hf_model(source: str | os.PathLike, *, prompts: Sequence[str] | None = 
 
 def is_dual(model: nn.Module) -> bool:
     """Whether ``model`` is an :class:`HFImageModel` of a CLIP / SigLIP dual encoder (so prompts apply)."""
-    return isinstance(model, HFImageModel) and model.model_type in _DUAL
+    return isinstance(model, HFImageModel) and _dual_class(model.model_type, type(model.hf).__name__)
+
+
+def _dual_class(model_type: str, class_name: str) -> bool:
+    # a CLIP / SigLIP fine-tune (``*ForImageClassification``) shares the dual encoder's config but has no text side
+    return model_type in _DUAL and not class_name.endswith("ForImageClassification")
+
+
+def _no_prompts(source: str, model_type: str, class_name: str, config: Any) -> ConfigError:
+    """The refusal of prompts for a model that has no text encoder, with what to do instead."""
+    if model_type in _DUAL:  # a CLIP / SigLIP classifier: it has classes of its own
+        labels = [str(v) for _, v in sorted((getattr(config, "id2label", None) or {}).items())]
+        shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+        return ConfigError(f"hf:{source} is a {class_name}: it already has {len(labels)} classes of its own "
+                           f"({shown}) and no text encoder for prompts. Leave the prompts out to use its classes, "
+                           "or load a CLIPModel / SiglipModel checkpoint to classify by prompts.")
+    return ConfigError(f"prompts need a CLIP or SigLIP model with its text encoder; hf:{source} is "
+                       f"{SUPPORTED_TYPES.get(model_type, model_type)}.")
 
 
 def with_prompts(model: HFImageModel, prompts: Sequence[str]) -> nn.Module:
@@ -195,14 +220,27 @@ def with_prompts(model: HFImageModel, prompts: Sequence[str]) -> nn.Module:
     from vitviz.models.clip import PromptClassifier, hf_text_encoder
 
     if not is_dual(model):
-        raise ConfigError(f"prompts need a CLIP or SigLIP model with its text encoder; hf:{model.source} is "
-                          f"{SUPPORTED_TYPES.get(model.model_type, model.model_type)}.")
+        raise _no_prompts(model.source, model.model_type, type(model.hf).__name__, model.hf.config)
     local = Path(model.source).expanduser()
     where = str(local) if local.is_dir() else model.source
     offline = not local.is_dir() and not _hub_reachable()
     encode_text, scale, bias = hf_text_encoder(model.hf, _tokenizer(_transformers(), where, model.source, offline))
     return PromptClassifier(model, encode_text, list(prompts), logit_scale=scale, logit_bias=bias,
                             preprocessing=model.preprocessing, source=f"hf:{model.source}").eval()
+
+
+def config_cached(source: str) -> bool:
+    """Whether Hub id ``source``'s config.json is in the local Hugging Face cache: then random weights
+    (``pretrained=False``) can be built offline; without it, even they need the Hub."""
+    from vitviz.models.pretrained import hub_cache_dir
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json", cache_dir=str(hub_cache_dir()))
+    except (ImportError, ValueError):  # no hub client, or not a repo id
+        return False
+    return isinstance(found, str)  # a non-str sentinel means "known to be missing"
 
 
 @functools.cache
@@ -263,10 +301,13 @@ def _model_class(transformers: Any, config: Any) -> Any:
 
 
 def _output_kind(hf: nn.Module, config: Any) -> str:
-    if str(config.model_type) in _DUAL:
-        return "image_embeds"
-    if type(hf).__name__.endswith("ForImageClassification") or "WithTeacher" in type(hf).__name__:
+    name = type(hf).__name__
+    if name.endswith("ForImageClassification") or "WithTeacher" in name:
         return "logits"
+    # a dual encoder, or a tower with its projection (CLIPVisionModelWithProjection): no pooler_output, and the
+    # embedding is the projected post-norm class token, not the raw class token
+    if _dual_class(str(config.model_type), name) or isinstance(getattr(hf, "visual_projection", None), nn.Module):
+        return "image_embeds"
     return "pooled"
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Callable
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,8 @@ from torch import nn
 
 from vitviz.errors import ConfigError, WeightsUnavailableError
 
-__all__ = ["CURATED", "WEIGHTS_FILE", "WHERE", "cached_weights", "hub_cache_dir", "hub_id", "hub_reachable",
-           "load_pretrained", "load_weights_file", "pretrained_cfg", "weights_advice"]
+__all__ = ["CURATED", "WEIGHTS_FILE", "WHERE", "cached_weights", "hub_cache_dir", "hub_check", "hub_id",
+           "hub_reachable", "load_pretrained", "load_weights_file", "pretrained_cfg", "weights_advice"]
 
 _HUB_HOST = "huggingface.co"
 _HUB_URL = f"https://{_HUB_HOST}"
@@ -157,12 +159,44 @@ def cached_weights(repo: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None  # a non-str sentinel means "known to be missing"
 
 
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the Hugging Face Hub can be reached now (fast: a refused lookup answers at once)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off"):
-        return False
+def hub_check(environ: Mapping[str, str] | None = None) -> tuple[str, tuple[str, int] | None]:
+    """How to tell whether the Hub can be reached, read from the environment (``os.environ`` by default).
+
+    ("offline", None) when HF_HUB_OFFLINE says so; ("defer", None) when a proxy (HTTPS_PROXY, ALL_PROXY,
+    not bypassed by NO_PROXY) carries the traffic, which a raw socket cannot test: the download client
+    then decides, and says itself why it failed; else ("socket", (host, port)) of HF_ENDPOINT (a mirror)
+    or huggingface.co, to try a connection to.
+    """
+    env = os.environ if environ is None else environ
+    if str(env.get("HF_HUB_OFFLINE", "0")).strip().lower() not in ("0", "", "false", "no", "off"):
+        return "offline", None
+    url = urllib.parse.urlsplit(str(env.get("HF_ENDPOINT") or _HUB_URL).strip())
+    scheme = url.scheme or "https"
+    host = url.hostname or _HUB_HOST
     try:
-        socket.create_connection((_HUB_HOST, 443), timeout=timeout).close()
+        port = url.port or (80 if scheme == "http" else 443)
+    except ValueError:  # a malformed port: let the client report it
+        return "defer", None
+    # lower-case names win, as in curl and requests
+    proxies = {k.lower().removesuffix("_proxy"): v for k, v in sorted(env.items(), key=lambda kv: kv[0].islower())
+               if k.lower().endswith("_proxy") and v}
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass_environment(host, proxies):
+        return "defer", None
+    return "socket", (host, port)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether to try the Hugging Face Hub now (fast: a refused lookup answers at once).
+
+    False offline (HF_HUB_OFFLINE, or no connection to the Hub or its HF_ENDPOINT mirror); True when a
+    connection opens, or when a proxy is configured (see :func:`hub_check`): the loader then tries.
+    """
+    how, address = hub_check()
+    if how != "socket" or address is None:
+        return how == "defer"
+    try:
+        socket.create_connection(address, timeout=timeout).close()
         return True
     except OSError:
         return False

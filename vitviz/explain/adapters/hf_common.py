@@ -3,13 +3,15 @@
 transformers picks an attention implementation per config (``_attn_implementation``: "sdpa",
 "flash_attention_2", "eager", ...); only the eager path computes the softmax weights, and its
 attention modules return them as their second output, still in the autograd graph. For the calls
-inside :func:`eager_recorder` every config the attention modules read is switched to "eager", and a
-forward hook hands each module's weights over; on exit (also after an exception) every config gets
+inside :func:`eager_recorder` every config the attention modules read is switched to "eager" (when
+only some layers are recorded, only their modules read an eager copy of it), and a forward hook hands
+each module's weights over; on exit (also after an exception) every config gets
 its own implementation back, so a model loaded with SDPA keeps SDPA for every other call.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -61,18 +63,24 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
                    on_record: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
     """Record the softmax weights of transformers attention modules (each returns ``(output, weights)``).
 
-    ``record_only`` (see :mod:`vitviz.explain.adapters.base`) limits the hooks to those positions.
+    ``record_only`` (see :mod:`vitviz.explain.adapters.base`) limits the hooks, and the eager path, to
+    those positions: the other layers keep the model's own (fused) implementation.
     """
     only = _RECORD_ONLY.get()
     hooked = [m for i, m in enumerate(modules) if only is None or i in only]
-    configs = {id(m.config): m.config for _, m in modules}
     installed = Installed()
     with exclusive():  # the config switches of two calls at once would undo each other
         try:
-            for config in configs.values():
-                # the private field behind the ``_attn_implementation`` property: its setter would also
-                # rewrite sub-configs, which the attention modules of a vision tower do not read
-                installed.set(config, "_attn_implementation_internal", "eager")
+            if only is None:  # every layer: switch the configs they share
+                for config in {id(m.config): m.config for _, m in modules}.values():
+                    # the private field behind the ``_attn_implementation`` property: its setter would also
+                    # rewrite sub-configs, which the attention modules of a vision tower do not read
+                    installed.set(config, "_attn_implementation_internal", "eager")
+            else:  # some layers: each recorded module reads an eager copy of its config, the others the original
+                for _, module in hooked:
+                    eager = copy.copy(module.config)  # shallow: the copy shares every other field
+                    eager._attn_implementation_internal = "eager"
+                    installed.set(module, "config", eager)
             for name, module in hooked:
                 def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
                          module: nn.Module = module) -> None:

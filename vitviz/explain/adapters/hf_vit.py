@@ -7,7 +7,8 @@ none for SigLIP. What the head reads, by model class:
 * the class token: ViT, DeiT without teacher, DINOv2's and CLIP's bare models (their pooler reads it);
 * the mean of the class and distillation tokens: ``DeiTForImageClassificationWithTeacher`` (it
   averages its two heads' logits);
-* the patch mean: BEiT with ``use_mean_pooling``, CLIP/SigLIP classifiers;
+* the patch mean: BEiT with ``use_mean_pooling``, CLIP/SigLIP classifiers (``CLIPForImageClassification``,
+  ``SiglipForImageClassification``);
 * half the class token and half the patch mean: ``Dinov2ForImageClassification`` concatenates both;
 * SigLIP's attention-pooling head: its own attention over the tokens, per image.
 
@@ -162,6 +163,10 @@ class HFViT(Adapter):
         against the model's logits on its last layer).
         """
         hf, kind = self.model.hf, self.model.model_type
+        if kind in ("clip", "siglip"):  # CLIP / SigLIP classifiers: the tower's tokens averaged (SigLIP post-norm)
+            vision = self.model.vision
+            z = vision.post_layernorm(t) if kind == "siglip" else t  # (B, N, D)
+            return hf.classifier(z[:, self.prefix():].mean(dim=1))
         base = getattr(hf, hf.base_model_prefix)
         z = base.layernorm(t) if hasattr(base, "layernorm") else t  # (B, N, D)
         if "WithTeacher" in type(hf).__name__:  # DeiT: the mean of its two heads
