@@ -37,7 +37,7 @@ def figures(results: Path, bench: Path | None) -> dict[str, object]:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from vitviz.represent.figures import curves_figure
+    from vitviz.represent.figures import Curve, curves_figure, lens_figure
 
     figs: dict[str, object] = {}
     probes, lens = [], []
@@ -62,13 +62,18 @@ def figures(results: Path, bench: Path | None) -> dict[str, object]:
         fig.update_layout(title=f"Linear CKA between layers on {dataset} ({report['images']} test images, "
                                 f"{report['rep']} features; layer 0 at the bottom left)", width=1200, height=760)
         figs[f"represent_cka_{dataset}"] = fig
-        probes += [(p["model"], p["test_accuracy"]) for p in report["probes"]]
-        lens += [(x["model"], x["agreement"]) for x in report["lens"]]
+        probes += [Curve(p["model"], p["test_accuracy"], labels=p["labels"]) for p in report["probes"]]
+        every_layer = {p["model"]: p["labels"] for p in report["probes"]}
+        for x in report["lens"]:
+            if not x.get("positions") and x["model"] in every_layer:  # where the lens layers sit among all layers
+                names = every_layer[x["model"]]
+                x = {**x, "positions": [names.index(k) for k in x["labels"]], "layers": len(names)}
+            lens.append(x)
     if probes:
         figs["represent_probes"] = curves_figure(probes, "Linear probe test accuracy by depth (six shipped models)")
     if lens:
-        figs["represent_lens"] = curves_figure(lens, "Logit lens: top-1 agreement with the final prediction",
-                                               "agreement")
+        figs["represent_lens"] = lens_figure(lens, "Logit lens: top-1 agreement with the final prediction (solid) "
+                                                   "and accuracy (dashed)")
     if bench is not None and bench.is_file():
         data = json.loads(bench.read_text())
         fig = make_subplots(rows=1, cols=2, subplot_titles=["time (s)", "peak memory growth (MiB)"])

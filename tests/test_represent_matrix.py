@@ -105,3 +105,39 @@ def test_progress_callback_and_bad_input(vit, images):
         cka_matrix(vit, vit, images, rep="cls")
     with pytest.raises(ConfigError, match=r"\(N, C, H, W\)"):
         cka_matrix(vit, vit, images[0])
+
+
+def test_an_iterable_of_batches_is_read_lazily_and_gives_the_tensor_grid(vit, resnet, images):
+    pulled: list[int] = []
+
+    def loader():  # (images, labels) pairs, as a DataLoader yields them
+        for k, start in enumerate(range(0, 96, 16)):
+            pulled.append(k)
+            yield images[start:start + 16], torch.zeros(16, dtype=torch.long)
+
+    seen: list[tuple[int, int, int | None]] = []
+    res = cka_matrix(vit, resnet, loader(), batch_size=16, rep="mean",
+                     progress=lambda done, total: seen.append((len(pulled), done, total)))
+    assert seen[0] == (1, 1, None)  # one batch pulled when the first is done; a generator has no length
+    assert [s[:2] for s in seen] == [(k, k) for k in range(1, 7)]
+    assert res.examples == 96 and res.batches == 6 and res.world_size == 1 and res.rank_batches == [6]
+    np.testing.assert_allclose(res.grid, cka_matrix(vit, resnet, images, batch_size=16, rep="mean").grid, atol=1e-12)
+
+
+def test_a_dataset_uses_its_test_split_and_a_loader_its_length(vit):
+    from vitviz.data.splits import DatasetSplits, Split
+
+    def split(seed: int, n: int) -> Split:
+        x = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+        return Split(images=x, labels=torch.zeros(n, dtype=torch.long))
+
+    data = DatasetSplits(name="made up", train=split(1, 40), val=split(2, 8), test=split(3, 24), class_names=["a"],
+                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    res = cka_matrix(vit, vit, data, batch_size=8)
+    assert res.examples == 24 and res.batches == 3  # the 24 test images, not the 40 training ones
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.test.images), batch_size=8)
+    seen: list[tuple[int, int | None]] = []
+    cka_matrix(vit, vit, loader, batch_size=8, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]  # a DataLoader knows its number of batches
+    with pytest.raises(ConfigError, match=r"batch 1 is not a \(B, C, H, W\) tensor"):
+        cka_matrix(vit, vit, iter([data.test.images[:8], data.test.images[0]]), batch_size=8)

@@ -1,7 +1,10 @@
 """Representations: do Vision Transformers see like CNNs? CKA grids, probes, logit lens, embedding map, errors.
 
-Every section is a fragment with its own cached computation: changing the embedding's layer reruns
-only the embedding map, never the CKA grid; a long computation shows a progress bar.
+Every section is a fragment (``ui.fragment``) with its own cached computation: changing the compared
+model or the features reruns only the CKA section, changing the embedding's layer only the embedding
+map, and neither recomputes the probes, the logit lens or another section's results. Only the number
+of test images, which every section uses, reruns the page. Each computation shows what it computes
+(a progress bar, or a spinner naming it) while it runs; cached results come back at once.
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ class _Bar:
     def __init__(self, text: str) -> None:
         self.text, self.bar = text, st.progress(0.0, text=text)
 
-    def __call__(self, done: int, total: int) -> None:
-        self.bar.progress(min(1.0, done / max(total, 1)), text=f"{self.text} ({done}/{total} batches)")
+    def __call__(self, done: int, total: int | None) -> None:
+        if total:
+            self.bar.progress(min(1.0, done / total), text=f"{self.text} ({done}/{total} batches)")
+        else:  # an iterable of unknown length: count the batches
+            self.bar.progress(0.0, text=f"{self.text} ({done} batches)")
 
     def done(self) -> None:
         self.bar.empty()
@@ -58,7 +64,7 @@ def cka_grid(key_a: str, key_b: str, dataset: str, n: int, rep: str, a: Any, b: 
     store, key = _grids(), (key_a, key_b, dataset, n, rep)
     if key not in store:
         split = test_split(dataset, max(a.img_size, b.img_size))
-        bar = _Bar(f"CKA over {n} test images")
+        bar = _Bar(f"CKA of {a.name} vs {b.name} ({rep} features) over {n} test images")
         store[key] = cka_matrix(a, b, split.test.images[:n], rep=rep, batch_size=64, progress=bar).to_dict()
         bar.done()
         while len(store) > 64:  # bounded: the oldest grid goes first
@@ -66,7 +72,7 @@ def cka_grid(key_a: str, key_b: str, dataset: str, n: int, rep: str, a: Any, b: 
     return store[key]
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_data(show_spinner="Fitting the linear probes and the logit lens of a model…", max_entries=32)
 def curves(key: str, dataset: str, n: int, _s: Any) -> dict:
     """Probe (train: up to 1,000 training images) and logit-lens curves of one model."""
     from vitviz.errors import VitvizError
@@ -99,7 +105,7 @@ def embedding(key: str, dataset: str, n: int, layer: int, method: str, _features
     return embed_2d(_features[:n], method)
 
 
-@st.cache_data(show_spinner=False, max_entries=128)
+@st.cache_data(show_spinner="Explaining a test image (each model its own prediction)…", max_entries=128)
 def explained(key: str, dataset: str, index: int, _s: Any) -> tuple[np.ndarray, np.ndarray, int, str]:
     """An image of the test split, its saliency map from ``_s`` (its own prediction) and the method used."""
     from vitviz.explain import explain_details
@@ -113,6 +119,12 @@ def explained(key: str, dataset: str, index: int, _s: Any) -> tuple[np.ndarray, 
     return (image[0].permute(1, 2, 0).numpy(), res.maps[0].cpu().numpy(), int(res.logits[0].argmax()), method)
 
 
+def model_curves(m: state.Loaded, dataset: str, n: int) -> dict:
+    """The probe and lens curves, readout features and predictions of ``m`` (cached: computed once)."""
+    return curves(m.key, dataset, n, subject(m))
+
+
+@ui.fragment("the CKA grid")
 def cka_section(a: state.Loaded, models: list[state.Loaded], dataset: str, n: int) -> None:
     from vitviz.represent.figures import cka_figure
     from vitviz.represent.matrix import CKAResult
@@ -139,39 +151,44 @@ def cka_section(a: state.Loaded, models: list[state.Loaded], dataset: str, n: in
         st.plotly_chart(cka_figure(res), key="rep_cka")
 
 
-def curves_section(models: list[state.Loaded], dataset: str, n: int) -> dict[str, dict]:
-    from vitviz.represent.figures import curves_figure
+@ui.fragment("the probe and logit-lens curves")
+def curves_section(models: list[state.Loaded], dataset: str, n: int) -> None:
+    from vitviz.represent.figures import Curve, curves_figure, lens_figure
 
     st.subheader("How the class becomes readable with depth", divider="gray")
     out = {}
     bar = st.progress(0.0, text="Linear probes and logit lens")
     for k, m in enumerate(models):
-        out[m.key] = curves(m.key, dataset, n, subject(m))
-        bar.progress((k + 1) / len(models), text=f"Linear probes and logit lens ({k + 1}/{len(models)} models)")
+        bar.progress(k / len(models), text=f"Linear probes and logit lens of {ds.short_name(m.info)} "
+                                           f"({k + 1}/{len(models)} models)")
+        out[m.key] = model_curves(m, dataset, n)
     bar.empty()
     c1, c2 = st.columns(2, gap="large")
     with c1:
-        fig = curves_figure([(ds.short_name(m.info), out[m.key]["probe"]["test_accuracy"]) for m in models],
+        fig = curves_figure([Curve(ds.short_name(m.info), out[m.key]["probe"]["test_accuracy"],
+                                   labels=out[m.key]["probe"]["labels"]) for m in models],
                             "Linear probe test accuracy by depth")
         st.plotly_chart(fig, key="rep_probes")
         st.caption("A logistic regression on each layer's readout (training images), scored on the test images.")
     with c2:
-        lens = [(ds.short_name(m.info), out[m.key]["lens"]["agreement"]) for m in models if out[m.key]["lens"]]
+        lens = [{**out[m.key]["lens"], "model": ds.short_name(m.info)} for m in models if out[m.key]["lens"]]
         if lens:
-            st.plotly_chart(curves_figure(lens, "Logit lens: agreement with the final prediction", "agreement"),
+            st.plotly_chart(lens_figure(lens, "Logit lens: agreement with the final prediction and accuracy"),
                             key="rep_lens")
-            st.caption("Each transformer layer's readout through the final norm and head; CNNs have no lens.")
+            st.caption("Each transformer layer's readout through the final norm and head: solid, how often its "
+                       "top class is the model's final prediction; dashed, how often it is the true class. Layers "
+                       "sit at their depth among all of the model's layers, as in the probe plot; CNNs have no lens.")
         else:
             st.info("No transformer with a head here: the logit lens needs one.")
-    return out
 
 
 @ui.fragment("the embedding map")
-def embedding_section(a: state.Loaded, data: dict, dataset: str, n: int) -> None:
+def embedding_section(a: state.Loaded, dataset: str, n: int) -> None:
     from vitviz.represent.embedding import umap_available
     from vitviz.represent.figures import embedding_figure
 
     st.subheader("Embedding map", divider="gray")
+    data = model_curves(a, dataset, n)
     layers = data["probe"]["labels"]
     c1, c2 = st.columns([1, 3], gap="large")
     with c1:
@@ -220,8 +237,9 @@ def show_image(a: state.Loaded, dataset: str, index: int) -> None:
 
 
 @ui.fragment("the error gallery")
-def gallery_section(a: state.Loaded, models: list[state.Loaded], data: dict, dataset: str, n: int) -> None:
+def gallery_section(a: state.Loaded, models: list[state.Loaded], dataset: str, n: int) -> None:
     st.subheader("Error gallery", divider="gray")
+    data = model_curves(a, dataset, n)
     split = test_split(dataset, a.info.img_size)
     wrong = np.flatnonzero(data["pred"] != split.test.labels[:n].numpy())
     if len(wrong) == 0:
@@ -267,6 +285,6 @@ with ui.guard("the Representations page"):
                          help="More images give steadier numbers and take longer; results are cached.")
     n = min(n, len(split.test))
     cka_section(current, models, dataset, n)
-    data = curves_section(models, dataset, n)
-    embedding_section(current, data[current.key], dataset, n)
-    gallery_section(current, models, data[current.key], dataset, n)
+    curves_section(models, dataset, n)
+    embedding_section(current, dataset, n)
+    gallery_section(current, models, dataset, n)

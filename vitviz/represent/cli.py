@@ -1,6 +1,7 @@
 """``vitviz represent``: compare what models represent, layer by layer (Raghu et al. 2021's analyses).
 
-    vitviz represent --models A B ... (--dataset NAME | --images DIR) [--n N] [--n-train N] --out DIR
+    vitviz represent --models A B ... (--dataset NAME | --images DIR) [--n N] [--n-train N]
+        [--embed tsne|umap|none] [--embed-layer LAYER] --out DIR
 
 Models are vitviz checkpoints, ``timm:NAME`` or ``hf:ID``. Writes report.md, report.json and offline
 HTML figures (CKA grids of every pair, probe and logit-lens curves, embedding maps, error gallery).
@@ -46,6 +47,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--embed", default="tsne", choices=("tsne", "umap", "none"), help="embedding map method")
     p.add_argument("--embed-n", type=int, default=500, help="images in the embedding maps (default 500)")
+    p.add_argument("--embed-layer", default="-1", metavar="LAYER",
+                   help="the embedding maps' layer: an index into each model's layers (0 the first, -1 the last: "
+                        "the default) or a layer name such as blocks.2")
     p.add_argument("--gallery", type=int, default=6, help="misclassified images per model in the gallery (0: none)")
     p.add_argument("--random-weights", action="store_true", help="timm:/hf: models with random weights")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
@@ -90,7 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         data = _data(args, size, subjects)
         torch.set_grad_enabled(True)  # the gallery's explanations need gradients; features run under no_grad
         spec = ReportSpec(out=Path(args.out), rep=args.rep, batch_size=args.batch_size, embed=args.embed,
-                          embed_n=args.embed_n, gallery=args.gallery, progress=args.progress)
+                          embed_n=args.embed_n, embed_layer=_layer(args.embed_layer), gallery=args.gallery,
+                          progress=args.progress)
         run_report(subjects, data, spec, log=lambda msg: print(msg, file=sys.stderr))
     finally:
         if distributed:
@@ -98,6 +103,14 @@ def _run(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def _layer(text: str) -> int | str:
+    """``--embed-layer``: an integer index, else a layer name."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _setup(device: str) -> tuple[str, bool]:

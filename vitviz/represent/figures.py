@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 
 from vitviz.represent.matrix import CKAResult
 
-__all__ = ["cka_figure", "curves_figure", "embedding_figure"]
+__all__ = ["Curve", "cka_figure", "curves_figure", "embedding_figure", "lens_depth", "lens_figure",
+           "relative_depth"]
 
 
 def cka_figure(result: CKAResult, title: str | None = None) -> go.Figure:
@@ -25,18 +28,77 @@ def cka_figure(result: CKAResult, title: str | None = None) -> go.Figure:
     return fig
 
 
-def curves_figure(curves: Sequence[tuple[str, Sequence[float]]], title: str, yaxis: str = "accuracy") -> go.Figure:
-    """One line per model over relative depth (first layer 0, last layer 1), so models of any depth compare."""
+class Curve(NamedTuple):
+    """One line of a per-layer figure.
+
+    ``depth``: each value's relative depth in its model (0 its first layer, 1 its last); None spaces the
+    values evenly from 0 to 1 (a curve over every layer). ``labels``: the layers' names, for the hover.
+    """
+
+    name: str
+    values: Sequence[float]
+    depth: Sequence[float] | None = None
+    labels: Sequence[str] | None = None
+
+
+def relative_depth(positions: Sequence[int], layers: int) -> list[float]:
+    """Layer indices among ``layers`` layers as relative depth (first 0, last 1), as :func:`curves_figure` draws."""
+    return [p / (layers - 1) if layers > 1 else 1.0 for p in positions]
+
+
+def curves_figure(curves: Sequence[Curve | tuple], title: str, yaxis: str = "accuracy") -> go.Figure:
+    """One line per model over relative depth (first layer 0, last layer 1), so models of any depth compare.
+
+    ``curves``: :class:`Curve` s, or (name, values) pairs (values over every layer of the model).
+    """
     fig = go.Figure()
-    for name, values in curves:
-        n = len(values)
-        depth = np.linspace(0.0, 1.0, n) if n > 1 else np.array([1.0])
-        fig.add_trace(go.Scatter(x=depth, y=list(values), mode="lines+markers", name=name,
-                                 hovertemplate=f"{name}<br>layer %{{customdata}}/{n}<br>%{{y:.3f}}<extra></extra>",
-                                 customdata=np.arange(1, n + 1)))
+    for k, curve in enumerate(curves):
+        _add_curve(fig, Curve(*curve), _color(k))
+    _curve_layout(fig, title, yaxis)
+    return fig
+
+
+def lens_figure(lens: Sequence[dict[str, Any]], title: str = "Logit lens by depth") -> go.Figure:
+    """Logit-lens curves of :meth:`LensResult.to_dict` results: agreement with the final prediction (solid)
+    and accuracy (dashed, where labels were known), one colour per model, each layer at its depth among all
+    of the model's layers (a hybrid's first block sits after its CNN stem, where its probe point is)."""
+    fig = go.Figure()
+    for k, entry in enumerate(lens):
+        depth = lens_depth(entry)
+        color = _color(k)
+        _add_curve(fig, Curve(f"{entry['model']}: agreement", entry["agreement"], depth, entry["labels"]), color)
+        if entry.get("accuracy") is not None:
+            _add_curve(fig, Curve(f"{entry['model']}: accuracy", entry["accuracy"], depth, entry["labels"]), color,
+                       dash="dash")
+    _curve_layout(fig, title, "agreement (solid) / accuracy (dashed)")
+    return fig
+
+
+def lens_depth(entry: dict[str, Any]) -> list[float] | None:
+    """Relative depth of a lens result's layers among all of its model's layers (``positions`` of ``layers``);
+    None where they are not recorded (the layers are then spaced evenly)."""
+    if entry.get("positions") and entry.get("layers"):
+        return relative_depth(entry["positions"], int(entry["layers"]))
+    return None
+
+
+def _add_curve(fig: go.Figure, curve: Curve, color: str, dash: str | None = None) -> None:
+    n = len(curve.values)
+    depth = list(curve.depth) if curve.depth is not None else list(np.linspace(0.0, 1.0, n) if n > 1 else [1.0])
+    labels = list(curve.labels) if curve.labels is not None else [f"layer {i + 1}/{n}" for i in range(n)]
+    fig.add_trace(go.Scatter(x=depth, y=list(curve.values), mode="lines+markers", name=curve.name,
+                             line={"color": color, "dash": dash}, customdata=labels,
+                             hovertemplate=f"{curve.name}<br>%{{customdata}}<br>%{{y:.3f}}<extra></extra>"))
+
+
+def _curve_layout(fig: go.Figure, title: str, yaxis: str) -> None:
     fig.update_layout(title=title, xaxis_title="relative depth (first layer 0, last 1)", yaxis_title=yaxis,
                       yaxis_range=[0, 1.02], height=420, margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    return fig
+
+
+def _color(k: int) -> str:
+    palette = plotly.colors.qualitative.Plotly
+    return palette[k % len(palette)]
 
 
 def embedding_figure(coords: np.ndarray, labels: Sequence[int], class_names: Sequence[str],

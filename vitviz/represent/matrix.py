@@ -24,7 +24,7 @@ from vitviz.represent.subjects import Subject, as_subject, prepare
 
 __all__ = ["CKAResult", "Progress", "batches_of", "cka_matrix", "world"]
 
-Progress = Callable[[int, int], None]  # (batches done, batches in all)
+Progress = Callable[[int, int | None], None]  # (batches done, batches in all: None when not known in advance)
 
 
 @dataclass
@@ -41,10 +41,13 @@ class CKAResult:
     rep: str = "flat"
     examples: int = 0
     batches: int = 0
+    world_size: int = 1  # processes the batches were shared over
+    rank_batches: list[int] = field(default_factory=list)  # batches each process computed, by rank
 
     def to_dict(self) -> dict[str, Any]:
         return {"a": self.name_a, "b": self.name_b, "rep": self.rep, "examples": self.examples,
-                "batches": self.batches, "labels_a": self.labels_a, "labels_b": self.labels_b,
+                "batches": self.batches, "world_size": self.world_size, "rank_batches": self.rank_batches,
+                "labels_a": self.labels_a, "labels_b": self.labels_b,
                 "stages_a": self.stages_a, "stages_b": self.stages_b,
                 "grid": [[round(float(v), 6) for v in row] for row in self.grid]}
 
@@ -58,21 +61,42 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def batches_of(images: Any, batch_size: int) -> tuple[Iterator[torch.Tensor], int, int]:
-    """(batches, how many, examples) of a (N, 3, H, W) tensor, a dataset split (``.images``) or an iterable
-    of batches (tensors or (images, labels) pairs). The tail batch keeps what is left."""
+def batches_of(images: Any, batch_size: int) -> tuple[Iterator[torch.Tensor], int | None, int | None]:
+    """(batches, how many, examples) of ``images``; "how many" and "examples" are None where unknown in advance.
+
+    ``images``: a (N, 3, H, W) tensor (cut into ``batch_size`` batches, the tail batch keeps what is
+    left), a dataset split (``.images``), a :class:`~vitviz.data.DatasetSplits` (its *test* split), or an
+    iterable of batches (tensors or (images, labels) pairs, e.g. a DataLoader) that is read lazily, one
+    batch at a time: nothing holds more than the batch in hand.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 4:
         raise ConfigError(f"batch_size must be an integer of at least 4 (the estimator's minimum), got {batch_size}.")
-    data = getattr(images, "images", images)
+    from vitviz.data.splits import DatasetSplits
+
+    data = images.test if isinstance(images, DatasetSplits) else images
+    data = getattr(data, "images", data)
     if isinstance(data, torch.Tensor):
         if data.ndim != 4:
             raise ConfigError(f"images must be a (N, C, H, W) batch, got shape {tuple(data.shape)}.")
         n = int(data.shape[0])
         return (data[i:i + batch_size] for i in range(0, n, batch_size)), -(-n // batch_size), n
     if isinstance(data, Iterable):
-        items = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
-        return iter(items), len(items), sum(int(b.shape[0]) for b in items)
+        try:
+            total: int | None = len(data)  # type: ignore[arg-type]  # a DataLoader knows its batch count
+        except TypeError:
+            total = None
+        return _stream(data), total, None
     raise ConfigError(f"expected images as a tensor, a dataset split or batches, got {type(images).__name__}.")
+
+
+def _stream(data: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """The image tensor of each item, pulled one at a time."""
+    for k, item in enumerate(data):
+        batch = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4:
+            raise ConfigError(f"batch {k} is not a (B, C, H, W) tensor (got {getattr(batch, 'shape', type(batch))}); "
+                              "give batches of images, or (images, labels) pairs.")
+        yield batch
 
 
 def cka_matrix(model_a: nn.Module | Subject, model_b: nn.Module | Subject, images: Any, *, rep: str = "flat",
@@ -82,9 +106,12 @@ def cka_matrix(model_a: nn.Module | Subject, model_b: nn.Module | Subject, image
 
     ``images``: uint8 (N, 3, H, W) (each model resizes and normalises them as it was trained, when
     given as a :class:`Subject`), float tensors fed as they are, a dataset split or an iterable of
-    batches. ``rep``: how a layer becomes one vector per image (:data:`REPRESENTATIONS`). Batches of
-    fewer than 4 images are skipped (the estimator needs 4). ``progress``: a tqdm bar (True) or a
-    callback. ``distributed``: shard over the ``torchrun`` processes (default: when there are several).
+    batches (see :func:`batches_of`: an iterable is read one batch at a time). ``rep``: how a layer
+    becomes one vector per image (:data:`REPRESENTATIONS`). Batches of fewer than 4 images are skipped
+    (the estimator needs 4). ``progress``: a tqdm bar (True) or a callback. ``distributed``: shard over
+    the ``torchrun`` processes (default: when there are several): process r computes batches r, r +
+    world size, ...; every process reads the whole iterable, so give each the full dataset, not one
+    already split by a DistributedSampler.
     """
     if rep not in REPRESENTATIONS:
         raise ConfigError(f"unknown representation {rep!r}; use one of {', '.join(REPRESENTATIONS)}.")
@@ -114,16 +141,19 @@ def cka_matrix(model_a: nn.Module | Subject, model_b: nn.Module | Subject, image
     finally:
         if bar is not None and not callable(bar):
             bar.close()
+    rank_batches = [acc.batches if acc is not None else 0]
     if size > 1:
-        acc, labels, examples = _reduce(acc, labels, examples, a, b)
+        acc, labels, examples, rank_batches = _reduce(acc, labels, examples, a, b, rank, size)
     if acc is None or labels is None:
         raise ConfigError("no batch of at least 4 images to compare; give more images (or a larger batch_size).")
     return CKAResult(grid=acc.value(), name_a=a.name, name_b=b.name, labels_a=labels[0], labels_b=labels[1],
-                     stages_a=labels[2], stages_b=labels[3], rep=rep, examples=examples, batches=acc.batches)
+                     stages_a=labels[2], stages_b=labels[3], rep=rep, examples=examples, batches=acc.batches,
+                     world_size=size, rank_batches=rank_batches)
 
 
-def _reduce(acc: MinibatchCKA | None, labels: Any, examples: int, a: Subject, b: Subject):
-    """Sum the running HSIC sums (and example counts) over the processes of the group."""
+def _reduce(acc: MinibatchCKA | None, labels: Any, examples: int, a: Subject, b: Subject, rank: int, size: int):
+    """Sum the running HSIC sums (and example counts) over the processes of the group, and gather how many
+    batches each process computed (a run whose processes each did everything shows there)."""
     import torch.distributed as dist
 
     from vitviz.represent.features import layer_labels
@@ -133,15 +163,19 @@ def _reduce(acc: MinibatchCKA | None, labels: Any, examples: int, a: Subject, b:
         acc = MinibatchCKA(len(la), len(lb))
         labels = (la, lb, [], [])
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flat = torch.cat([acc.sums(), torch.tensor([float(examples)], dtype=torch.float64)]).to(device)
+    mine = torch.zeros(size, dtype=torch.float64)
+    mine[rank] = float(acc.batches)  # (world,) this rank's count in its own slot: the sum gathers them all
+    flat = torch.cat([acc.sums(), torch.tensor([float(examples)], dtype=torch.float64), mine]).to(device)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    per_rank = [int(round(float(v))) for v in flat[-size:]]
+    flat = flat[:-size]
     acc.load_sums(flat[:-1])
     if not labels[2]:
         from vitviz.explain.adapters import adapter_for
 
         labels = (labels[0], labels[1], [layer.stage for layer in adapter_for(a.model).layers()],
                   [layer.stage for layer in adapter_for(b.model).layers()])
-    return (acc if acc.batches else None), labels, int(round(float(flat[-1])))
+    return (acc if acc.batches else None), labels, int(round(float(flat[-1]))), per_rank
 
 
 def _bar(progress: bool | Progress, total: int, rank: int):

@@ -1,9 +1,11 @@
 """Run the representation analyses on a set of models and write the report (Markdown, JSON, offline HTML).
 
 For models A, B, ...: the CKA grid of every pair and of each model with itself; linear probes by
-depth; the logit lens (transformers with a head); per-layer mean attention distance (transformers);
-t-SNE/UMAP maps of the last layer's readout; the error gallery of each model explained by all.
-Under ``torchrun`` the CKA grids are sharded over processes; everything else runs on rank 0.
+depth; the logit lens (agreement with the final prediction and accuracy; transformers with a head);
+per-layer mean attention distance (transformers); t-SNE/UMAP maps of one layer's readout (the last
+unless ``ReportSpec.embed_layer`` names another); the error gallery of each model explained by all.
+Under ``torchrun`` the CKA grids are sharded over processes (``report.json`` records the world size
+and, per grid, the batches each process computed); everything else runs on rank 0.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from vitviz.errors import ConfigError, VitvizError
 from vitviz.represent.matrix import CKAResult, cka_matrix, world
 from vitviz.represent.subjects import Subject, prepare
 
-__all__ = ["Data", "ReportSpec", "layer_summary", "run_report"]
+__all__ = ["Data", "ReportSpec", "embed_layer_index", "layer_summary", "run_report"]
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ReportSpec:
     batch_size: int = 128
     embed: str = "tsne"  # tsne | umap | none
     embed_n: int = 500
+    embed_layer: int | str = -1  # the maps' layer: an index into each model's layers (-1: the last), or a name
     gallery: int = 6
     progress: bool = True
     distance_n: int = 256  # images for the attention distances
@@ -75,8 +78,10 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
     """
     if len(subjects) < 1:
         raise ConfigError("give at least one model to analyse.")
-    rank, _ = world()
+    embed_at = {s.name: embed_layer_index(s, spec.embed_layer) for s in subjects} if spec.embed != "none" else {}
+    rank, size = world()
     report: dict[str, Any] = {"dataset": data.name, "images": int(data.test.shape[0]), "rep": spec.rep,
+                              "world_size": size,
                               "models": [{"name": s.name, "family": s.family} for s in subjects], "cka": []}
     pairs = [(i, j) for i in range(len(subjects)) for j in range(i, len(subjects))]
     grids: list[CKAResult] = []
@@ -95,7 +100,7 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
     out = Path(spec.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Any]] = []
-    from vitviz.represent.figures import cka_figure, curves_figure, embedding_figure
+    from vitviz.represent.figures import Curve, cka_figure, curves_figure, embedding_figure, lens_figure
 
     for res in grids:
         figures.append((f"cka_{_slug(res.name_a)}__{_slug(res.name_b)}", cka_figure(res)))
@@ -122,25 +127,28 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
         if dist is not None:
             report["attention_distance"].append(dist)
     if report["probes"]:
-        figures.append(("probes", curves_figure([(p["model"], p["test_accuracy"]) for p in report["probes"]],
-                                                "Linear probe test accuracy by depth")))
+        figures.append(("probes", curves_figure([Curve(p["model"], p["test_accuracy"], labels=p["labels"])
+                                                 for p in report["probes"]], "Linear probe test accuracy by depth")))
     if report["lens"]:
-        figures.append(("lens_agreement", curves_figure([(x["model"], x["agreement"]) for x in report["lens"]],
-                                                        "Logit lens: top-1 agreement with the final prediction",
-                                                        "agreement")))
+        figures.append(("logit_lens", lens_figure(report["lens"], "Logit lens: top-1 agreement with the final "
+                                                                  "prediction (solid) and accuracy (dashed)")))
 
     if spec.embed != "none" and data.test_labels is not None:
         from vitviz.represent.embedding import embed_2d
 
         n = min(spec.embed_n, data.test.shape[0])
+        layers = {}
         for s in subjects:
-            coords = embed_2d(readouts[s.name].features[-1][:n], spec.embed)
+            k = embed_at[s.name]
+            coords = embed_2d(readouts[s.name].features[k][:n], spec.embed)
             labels = data.test_labels[:n].numpy()
             hover = [f"test #{i}" for i in range(n)]
+            names = readouts[s.name].labels
+            layers[s.name] = names[k]
             figures.append((f"embedding_{_slug(s.name)}", embedding_figure(
                 coords, labels, data.class_names, hover,
-                title=f"{spec.embed} of {s.name}'s last layer ({readouts[s.name].labels[-1]})")))
-        report["embedding"] = {"method": spec.embed, "images": n, "layer": "last"}
+                title=f"{spec.embed} of {s.name} at {names[k]} (layer {k + 1} of {len(names)})")))
+        report["embedding"] = {"method": spec.embed, "images": n, "layers": layers}
 
     if spec.gallery > 0 and data.test_labels is not None:
         report["gallery"] = _write_gallery(subjects, data, readouts, spec, out)
@@ -152,6 +160,23 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
     write_text_atomic(out / "report.md", markdown(report))
     log(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(figures)} figures in {out / 'figures'}")
     return report
+
+
+def embed_layer_index(subject: Subject, layer: int | str) -> int:
+    """The index (0-based, from the first layer) of ``layer`` among ``subject``'s layers: an index (negative
+    counts from the last) or a layer name as :func:`~vitviz.represent.features.layer_labels` gives it."""
+    from vitviz.represent.features import layer_labels
+
+    labels = layer_labels(subject.model)
+    if isinstance(layer, str):
+        if layer not in labels:
+            raise ConfigError(f"{subject.name} has no layer {layer!r}; its layers are {', '.join(labels)} "
+                              "(or give an index, -1 for the last).")
+        return labels.index(layer)
+    if not -len(labels) <= layer < len(labels):
+        raise ConfigError(f"layer index {layer} is out of range for {subject.name}, which has {len(labels)} layers "
+                          f"({', '.join(labels)}).")
+    return layer % len(labels)
 
 
 def _readouts(s: Subject, images: torch.Tensor, batch_size: int, lens: bool = True):
@@ -241,7 +266,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables."""
     lines = [f"# Representations: {', '.join(m['name'] for m in report['models'])}", "",
              f"Dataset `{report['dataset']}`, {report['images']} test images; CKA on `{report['rep']}` features "
-             "(unbiased minibatch estimator).", ""]
+             "(unbiased minibatch estimator)" + (f", sharded over {report['world_size']} processes"
+                                                 if report.get("world_size", 1) > 1 else "") + ".", ""]
     if report.get("accuracy"):
         lines += ["| model | test accuracy |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in report["accuracy"].items()] + [""]
