@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread (torch, and OpenMP for scikit-learn): the tests run tiny models, thousands of small
+# ops, and on a small shared machine a multi-threaded op waits for its slowest thread to be scheduled (the
+# dashboard does the same, see dashboard.state.cpu_threads). Subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `dashboard` is not an installed package: import it from the checkout

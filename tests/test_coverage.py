@@ -36,12 +36,12 @@ FLAT_WITH_HEAD = {
     "ViT", "ViT (augreg)", "ViT, registers + gap", "ViT, gap", "ViT, res-post-norm", "ViT, parallel branches",
     "FlexiViT", "DeiT", "DeiT (distilled)", "DeiT-III", "DINOv2 + registers", "CLIP", "SigLIP (attention pool)",
     "EVA", "EVA-02", "ViT, rotary (EVA class)", "BEiT", "BEiT-v2", "HF ViT", "HF DeiT (distilled)", "HF BEiT",
-    "HF DINOv2",
+    "HF DINOv2", "HF CLIP + prompts",
 }
 ATTNLRP = FLAT_WITH_HEAD | {
     "Swin", "HF Swin", "ViT hybrid (R-Ti)", "ViT, parallel scaling", "CaiT", "XCiT", "ConViT", "Swin-V2", "PiT",
     "PiT (distilled)", "LeViT", "PVT-v2", "PVT-v2 (linear)", "Twins-SVT", "Twins-PCPVT", "CrossViT",
-    "open_clip CLIP + prompts"}
+    "open_clip CLIP + prompts", "HF SigLIP + prompts"}
 # Fig. 7 analyses that must work: filters where the stem is a linear patch projection, positions where
 # they are learned absolute embeddings, distance wherever there is token attention.
 FIG7 = {
