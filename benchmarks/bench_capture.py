@@ -10,6 +10,8 @@ Per model:
 * plain      ``model(x)`` under no_grad, fused attention as timm ships it (SDPA for the Hugging Face ViT-B/16,
              ``hf-vit``, as transformers loads it; capture switches it to the eager path for its call only);
 * capture    ``capture_attention(model, x)``: every layer's attention, one forward pass;
+* hf-eager   (Hugging Face models) capture on transformers' own eager attention instead of vitviz's
+             recording attention (which scales q rather than the scores), every weight kept the same way;
 * rollout    ``explain(model, x, "rollout")``: capture (heads fused as the layers run) + rollout +
              upsample + normalise. Target, for capture and rollout alike: <= 1.05x plain (a verdict
              each). On Swin, whose token grid changes between stages, rollout is refused and the raw
@@ -111,6 +113,18 @@ def plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
+def capture_on_transformers_eager(model: nn.Module, x: torch.Tensor) -> object:
+    """``capture_attention`` with transformers' own eager attention where vitviz's recording attention runs."""
+    from vitviz.explain.adapters import hf_common
+
+    own = hf_common._implementation
+    hf_common._implementation = lambda: "eager"
+    try:
+        return capture_attention(model, x)
+    finally:
+        hf_common._implementation = own
+
+
 # --- the code others wrote ---------------------------------------------------------------------------
 
 def reference_chefer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,11 +188,14 @@ def main() -> None:
         model = build(key)
         assert forward_calls(model, lambda m=model: capture_attention(m, x)) == 1, "capture must run once"
         method = "rollout" if key != "swin" else "attention"
-        res = paired({
+        variants = {
             "plain": lambda m=model: plain(m, x),
             "capture": lambda m=model: capture_attention(m, x),
             method: lambda m=model, me=method: explain(m, x, me),
-        }, args.repeats, args.warmup)
+        }
+        if key.startswith("hf-"):
+            variants["hf-eager"] = lambda m=model: capture_on_transformers_eager(m, x)
+        res = paired(variants, args.repeats, args.warmup)
         print(f"\n{key}: {name}  ({args.repeats} paired repeats, batch 1, 224 px)")
         print(f"  {'variant':<12}{'median ms':>10}{'ratio to plain':>16}   95 % interval")
         for n, (ratio, ms, (lo, hi)) in res.items():

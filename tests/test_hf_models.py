@@ -13,6 +13,7 @@ from test_adapters_vit import naive_rollout_row
 import vitviz
 from vitviz.errors import ConfigError, ExplainError, WeightsUnavailableError
 from vitviz.explain import adapter_for, capture_attention, explain, explain_details
+from vitviz.explain.adapters.hf_common import RECORDING
 from vitviz.explain.adapters.hf_swin import HFSwin
 from vitviz.explain.adapters.hf_vit import HFViT
 from vitviz.models.hf import HFImageModel, hf_advice
@@ -186,7 +187,7 @@ def test_swin_records_its_windows_and_refuses_rollout_across_stages(folders, x):
 def test_an_error_inside_a_recorded_call_restores_sdpa(folders, x):
     model = vitviz.create_model(f"hf:{folders['vit']}")
     with pytest.raises(RuntimeError, match="boom"), adapter_for(model).recording(32, 32):
-        assert model.hf.config._attn_implementation == "eager"
+        assert model.hf.config._attn_implementation == RECORDING
         raise RuntimeError("boom")
     assert model.hf.config._attn_implementation == "sdpa"
 
@@ -446,7 +447,7 @@ def test_recording_one_layer_runs_only_that_layer_eagerly(folders, x, name):
     finally:
         for h in handles:
             h.remove()
-    assert len(attention) == len(seen) >= 3 and seen[1] == "eager" and seen.count("eager") == 1, seen
+    assert len(attention) == len(seen) >= 3 and seen[1] == RECORDING and seen.count(RECORDING) == 1, seen
     with torch.no_grad():
         out = _eager(folders[name])(pixel_values=x, output_attentions=True)
     if name == "vit":  # the one layer recorded is the model's own eager weights of that layer

@@ -1,17 +1,20 @@
 """What the Hugging Face adapters share: finding a model's attention layers and recording them eagerly.
 
 transformers picks an attention implementation per config (``_attn_implementation``: "sdpa",
-"flash_attention_2", "eager", ...); only the eager path computes the softmax weights, and its
-attention modules return them as their second output, still in the autograd graph. For the calls
-inside :func:`eager_recorder` every config the attention modules read is switched to "eager" (when
-only some layers are recorded, only their modules read an eager copy of it), and a forward hook hands
-each module's weights over; on exit (also after an exception) every config gets
-its own implementation back, so a model loaded with SDPA keeps SDPA for every other call.
+"flash_attention_2", "eager", ...) and looks it up in its ``AttentionInterface``; only an explicit
+path computes the softmax weights, and the attention modules return them as their second output,
+still in the autograd graph. For the calls inside :func:`eager_recorder` every config the attention
+modules read is switched to :data:`RECORDING`, transformers' eager attention as vitviz registers it
+(:func:`recording_attention`; the plain "eager" where this transformers has no interface to register
+in). When only some layers are recorded, only their modules read a switched copy of the config. A
+forward hook hands each module's weights over; on exit (also after an exception) every config gets its
+own implementation back, so a model loaded with SDPA keeps SDPA for every other call.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -22,7 +25,42 @@ from vitviz.errors import ExplainError
 from vitviz.explain.adapters.base import _RECORD_ONLY
 from vitviz.explain.hooks import Installed, exclusive
 
-__all__ = ["attention_layers", "eager_recorder", "first_layernorm", "is_hf"]
+__all__ = ["RECORDING", "attention_layers", "eager_recorder", "first_layernorm", "is_hf", "recording_attention"]
+
+RECORDING = "vitviz_recording"  # the name :func:`recording_attention` has in transformers' AttentionInterface
+
+
+def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                        **_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (same inputs, outputs and softmax precision), with the scale applied to q.
+
+    Scaling q (B, heads, N, d) instead of the scores (B, heads, N, N) saves one N x N tensor per layer; with
+    every layer's weights kept, that is what makes recording cost about as much as a plain forward pass
+    (``benchmarks/bench_capture.py``, ``hf-vit``).
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))  # (B, heads, N, N)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if query.dtype == torch.float32:
+        weights = scores.softmax(dim=-1)
+    else:  # half precision: the softmax in float32, as transformers' eager path computes it
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, N, heads, d)
+    return out, weights
+
+
+@functools.cache
+def _implementation() -> str:
+    """:data:`RECORDING`, registered in transformers' AttentionInterface once; "eager" without one."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return "eager"
+    AttentionInterface.register(RECORDING, recording_attention)
+    return RECORDING
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -75,11 +113,11 @@ def eager_recorder(modules: Sequence[tuple[str, nn.Module]],
                 for config in {id(m.config): m.config for _, m in modules}.values():
                     # the private field behind the ``_attn_implementation`` property: its setter would also
                     # rewrite sub-configs, which the attention modules of a vision tower do not read
-                    installed.set(config, "_attn_implementation_internal", "eager")
+                    installed.set(config, "_attn_implementation_internal", _implementation())
             else:  # some layers: each recorded module reads an eager copy of its config, the others the original
                 for _, module in hooked:
                     eager = copy.copy(module.config)  # shallow: the copy shares every other field
-                    eager._attn_implementation_internal = "eager"
+                    eager._attn_implementation_internal = _implementation()
                     installed.set(module, "config", eager)
             for name, module in hooked:
                 def hook(_m: nn.Module, _inputs: object, output: object, name: str = name,
