@@ -456,3 +456,24 @@ def test_recording_one_layer_runs_only_that_layer_eagerly(folders, x, name):
     assert all(m.config._attn_implementation == "sdpa" for m in attention)  # the copies are gone
     assert all(m.config is model.hf.config or m.config is getattr(model.hf.config, "vision_config", None)
                for m in attention)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2"])
+def test_layer_features_are_the_models_own_hidden_states(folders, x, name):
+    """Each layer's readout and patch tokens are the block outputs transformers itself returns
+    with output_hidden_states (hidden_states[0] is the embedding, hidden_states[i + 1] block i's output)."""
+    from vitviz.represent.features import layer_features
+
+    model = vitviz.create_model(f"hf:{folders[name]}")
+    fp = layer_features(model, x)
+    with torch.no_grad():
+        hidden = model.hf(pixel_values=x, output_hidden_states=True).hidden_states
+    assert len(fp.layers) == len(hidden) - 1
+    prefix = 1 + int(getattr(model.hf.config, "num_register_tokens", 0) or 0)
+    for i, layer in enumerate(fp.layers):
+        cls, patches = hidden[i + 1][:, 0], hidden[i + 1][:, prefix:]
+        # what the head reads: the class token (ViT), class token and patch mean side by side (DINOv2)
+        expected = cls if name == "vit" else torch.cat([cls, patches.mean(dim=1)], dim=-1)
+        torch.testing.assert_close(layer.readout, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.patches, hidden[i + 1][:, prefix:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fp.layers[0].readout, fp.layers[-1].readout)  # distinct layers, not one copied

@@ -305,6 +305,8 @@ class Adapter:
             readout = tokens[:, 0]  # (B, D)
         elif how == "dist" and prefix >= 2:
             readout = tokens[:, :2].mean(dim=1)  # (B, D)
+        elif how == "cls+mean":  # a head on [class token, patch mean] (Hugging Face DINOv2) reads both
+            readout = torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)  # (B, 2D)
         else:  # mean, and pooled readouts (max, attention pool), which an inner layer does not have
             readout = tokens[:, prefix:].mean(dim=1)  # (B, D)
         return LayerSplit(tokens=tokens, prefix=prefix, grid=grid, readout=readout)
