@@ -16,6 +16,7 @@ every method beats the random baseline on deletion AUC, how the best ViT method 
 relevance compares with it, and that every method's sanity check is reported.
 
     python benchmarks/eval_explanations.py [--n 500] [--steps 16] [--json out.json] [--skip-slow]
+        [--methods a,b] [--param METHOD.NAME=NUMBER ...]
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ def pick_attention_layer(model: torch.nn.Module, meta, args: argparse.Namespace)
     return min(range(len(aucs)), key=aucs.__getitem__)
 
 
+def method_params(items: list[str]) -> dict[str, dict[str, float]]:
+    """``METHOD.NAME=NUMBER`` options as score_methods' ``params`` (e.g. attnlrp.gamma=0.25)."""
+    out: dict[str, dict[str, float]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not (sep and dot and method and name) or number is None:
+            raise SystemExit(f"--param takes METHOD.NAME=NUMBER (e.g. attnlrp.gamma=0.25), got {item!r}")
+        out.setdefault(method, {})[name] = int(number) if number.is_integer() and "." not in value else number
+    return out
+
+
 def flat(entry: dict, random: bool = False) -> dict[str, float]:
     """One method's (or, with ``random``, the random maps') means in the benchmark's flat form."""
     get = (lambda k: entry["metrics"][k]["random"]) if random else (lambda k: entry["metrics"][k]["mean"])
@@ -111,7 +128,8 @@ def evaluate_family(family: str, path: Path, args: argparse.Namespace) -> dict:
     progress = (lambda msg: print(f"  {family:<7}{msg} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)) \
         if args.verbose else None
     rec = score_methods(model, x, methods=methods, protocol=protocol, labels=labels, masks=masks,
-                        batch_size=args.batch_size, forward_batch=args.forward_batch, progress=progress)
+                        batch_size=args.batch_size, forward_batch=args.forward_batch, progress=progress,
+                        params=method_params(args.param))
     extra = {}
     if "attention" in methods and args.select_n and hasattr(model, "blocks"):
         layer = pick_attention_layer(model, meta, args)
@@ -136,6 +154,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
     """One ranked table per family (the scorer's own renderer), the accuracy and command above it."""
     parts = [f"Command: `python benchmarks/eval_explanations.py --n {args.n} --steps {args.steps}"
              + (" --skip-slow" if args.skip_slow else "") + (f" --methods {args.methods}" if args.methods else "")
+             + "".join(f" --param {p}" for p in args.param)
              + f"` (scenes from seed {args.seed}, true class explained)."]
     for family, res in results.items():
         parts += ["", f"### {family} (test accuracy on these scenes {res['accuracy']:.1%})", "",
@@ -189,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sanity-images", type=int, default=8, help="scenes for the randomisation check (default 8)")
     p.add_argument("--skip-slow", action="store_true", help="leave out methods of many passes (RISE, occlusion, ...)")
     p.add_argument("--methods", help="comma-separated methods to score (default: every one the model supports)")
+    p.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=NUMBER",
+                   help="a method parameter other than its default, e.g. attnlrp.gamma=0.25 (repeatable)")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
     p.add_argument("--select-n", type=int, default=100, help="scenes (another seed) to choose the raw-attention "
                    "layer on, for the extra 'attention, layer L*' row (0: no such row)")

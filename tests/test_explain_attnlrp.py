@@ -226,7 +226,7 @@ def pool_softmax(model: nn.Module, outputs: list[torch.Tensor]):
             del pool.fused_attn  # back to the class's choice
 
 
-def budget(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def budget(model: nn.Module, x: torch.Tensor, **rules) -> dict[str, torch.Tensor]:
     """Every share of the batch's summed target logits under the AttnLRP rules (gradient x input):
 
     pixels (sum of input x gradient), params (additive parameters x their gradient: biases, position
@@ -236,7 +236,7 @@ def budget(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     adapter = adapter_for(model)
     x = x.detach().clone().requires_grad_(True)
     pooled: list[torch.Tensor] = []
-    with torch.enable_grad(), lrp_rules(adapter), pool_softmax(model, pooled):
+    with torch.enable_grad(), lrp_rules(adapter, **rules), pool_softmax(model, pooled):
         logits, rec = adapter.record_forward(x)  # attention weights (softmax outputs) stay in the graph
     target = logits.argmax(dim=-1)
     score = logits.gather(1, target[:, None]).sum()
@@ -786,3 +786,71 @@ def test_more_families_maps_vary_follow_the_target_and_leave_the_model_as_it_was
     assert hooks(model) == hooks0 and flags(model) == flags0
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+# --- the gamma rule on linear layers and convolutions ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("gamma", [0.05, 0.25, 100.0])
+def test_the_gamma_rule_matches_zennits(kind, gamma):
+    """Relevance through one layer: ours (gradient x input through the hook) against zennit's Gamma rule."""
+    from zennit.rules import Gamma
+
+    from vitviz.explain.lrp_rules import gamma_rule
+
+    gen = torch.Generator().manual_seed(0)
+    if kind == "linear":
+        layer, x = nn.Linear(12, 7).double(), torch.randn(5, 3, 12, generator=gen, dtype=torch.float64)
+    else:
+        layer = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+        x = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64))
+        z = layer(x)
+    relevance_out = torch.randn(z.shape, generator=gen, dtype=torch.float64)  # any relevance at the output
+
+    x_ours = x.clone().requires_grad_(True)
+    handle = layer.register_forward_hook(gamma_rule(gamma))
+    try:
+        out = layer(x_ours)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, z, rtol=0, atol=1e-12)  # the forward value is the layer's own
+    (g,) = torch.autograd.grad(out, x_ours, relevance_out / z)  # gradient x input: R_out = z * g
+    ours = x * g
+
+    x_theirs = x.clone().requires_grad_(True)
+    handle = Gamma(gamma=gamma).register(layer)
+    try:
+        (theirs,) = torch.autograd.grad(layer(x_theirs), x_theirs, relevance_out)  # zennit passes relevance
+    finally:
+        handle.remove()
+    assert theirs.abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_gamma_on_a_vit_conserves_relevance_without_biases_and_sharpens_the_map():
+    model = randomize(BUILDERS["timm-token"]().double(), seed=2, bias=0.0)  # no biases: nothing absorbs there
+    x = images(dtype=torch.float64)
+    plain = attnlrp_details(model, x)
+    sharp = attnlrp_details(model, x, gamma=0.25, conv_gamma=0.25)
+    for res, rules in ((plain, {}), (sharp, {"gamma": 0.25, "conv_gamma": 0.25})):
+        b = budget(model, x, **rules)
+        assert float(b["params"]) == 0.0
+        torch.testing.assert_close(res.pixels.sum(), b["pixels"])  # the public call: the same relevance
+        # the gamma rule's stabiliser (1e-6 added to each output's denominator) keeps a little: 1e-4 of the logit
+        # bounds it here, while a rule that lost or doubled a share would be off by a tenth or more
+        assert abs(float(b["pixels"] + b["softmax"] - b["logit"])) <= 1e-4 * abs(float(b["logit"]))
+    assert not torch.allclose(plain.grid, sharp.grid, rtol=1e-3, atol=1e-6)  # a different rule, a different map
+    torch.testing.assert_close(sharp.logits, plain.logits)
+
+
+def test_gamma_is_checked_and_refused_on_convolutions_it_does_not_cover():
+    model = randomize(BUILDERS["ours"](), seed=3)
+    for bad in (-0.1, float("nan"), "0.2", True):
+        with pytest.raises(ExplainError, match="gamma must be a number"):
+            attnlrp(model, images(), gamma=bad)
+    hybrid = randomize(MORE["timm-hybrid-groupnorm"][0](), seed=3)  # weight-standardised convolutions
+    with pytest.raises(ExplainError, match="plain convolutions"):
+        attnlrp(hybrid, torch.randn(1, 3, 32, 32), conv_gamma=0.25)
+    assert attnlrp(hybrid, torch.randn(1, 3, 32, 32), gamma=0.25).shape == (1, 2, 2)  # its linear layers are fine

@@ -5,8 +5,10 @@ Relevance starts as the explained logit and flows back to the pixels, layer by l
 ==========================================  ===============================================================
 operation                                   rule, and how it is obtained here
 ==========================================  ===============================================================
-linear layers, patch projection, head       epsilon rule (epsilon -> 0, bias absorbs): plain gradient x input
-convolutions, eval-mode batch norm          epsilon rule, as linear (affine) maps: plain gradient x input
+linear layers, patch projection, head       epsilon rule (epsilon -> 0, bias absorbs): plain gradient x input;
+                                            with ``gamma`` > 0 the generalised gamma rule (zennit's ``Gamma``)
+convolutions, eval-mode batch norm          epsilon rule, as linear (affine) maps: plain gradient x input;
+                                            with ``conv_gamma`` > 0 the gamma rule on the convolutions
 residual additions, pooling, position add   epsilon rule, as linear maps (position embeddings absorb)
 max pooling, ReLU                           winner takes all / identity rule: their own gradient x input
 LayerNorm / RMSNorm / GroupNorm             identity rule on the normalisation: the std is a constant
@@ -116,6 +118,7 @@ from vitviz.explain.lrp_rules import (
     ConstantRowSums,
     CosineAttentionRules,
     activation_rule,
+    gamma_rule,
     group_norm_rule,
     halve_gradient,
     l2_rule,
@@ -473,23 +476,37 @@ def _is_attention(m: nn.Module) -> bool:
 
 # --- the rules in place for one call -------------------------------------------------------------------
 
+def _check_gammas(gamma: float, conv_gamma: float) -> None:
+    for name, value in (("gamma", gamma), ("conv_gamma", conv_gamma)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ExplainError(f"{name} must be a number >= 0 (0: the epsilon rule), got {value!r}.")
+
+
 @contextmanager
-def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
+def lrp_rules(model: nn.Module | Adapter, *, gamma: float = 0.0, conv_gamma: float = 0.0) -> Iterator[None]:
     """Inside the block, a backward pass of ``model`` computes AttnLRP (gradient x input = relevance).
 
-    ExplainError (with the reason) for a model :func:`refusal` refuses. On exit, also after an
-    exception, every hook and instance attribute is removed: the model is as it was.
+    ``gamma`` / ``conv_gamma``: the LRP-gamma rule on the Linear layers / convolutions (0: the epsilon rule,
+    the paper's rule for them); a small gamma on the linear layers takes noise out of ViT maps, as lxt's
+    examples do with zennit's ``Gamma``. ExplainError (with the reason) for a model :func:`refusal`
+    refuses. On exit, also after an exception, every hook and instance attribute is removed: the model is
+    as it was.
     """
     adapter = adapter_for(model)
     why = refusal(adapter)
     if why is not None:
         raise ExplainError(why)
+    _check_gammas(gamma, conv_gamma)
     rules = Installed()
     with exclusive():  # its attribute switches (timm BEiT) and another call's would undo each other
         try:
             modules = [m for _, root in _roots(adapter.model) for m in root.modules()]
             for m in modules:
                 kind = type(m).__name__
+                if gamma and isinstance(m, nn.Linear):  # first: the rules below act on the output it rebuilds
+                    rules.forward(m, gamma_rule(float(gamma)))
+                elif conv_gamma and isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    rules.forward(m, gamma_rule(float(conv_gamma)))
                 if isinstance(m, nn.LayerNorm) or kind in RMS_NORMS:
                     rules.forward(m, norm_rule)
                 elif isinstance(m, nn.GroupNorm):  # timm's GroupNormAct included (its activation after it)
@@ -514,17 +531,19 @@ def lrp_rules(model: nn.Module | Adapter) -> Iterator[None]:
             rules.undo()
 
 
-def attnlrp_details(model: nn.Module, x: torch.Tensor,
-                    target: int | Sequence[int] | torch.Tensor | None = None) -> LRPResult:
-    """AttnLRP relevance of ``target`` (default: the predicted class) per pixel and per token cell."""
+def attnlrp_details(model: nn.Module, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None,
+                    *, gamma: float = 0.0, conv_gamma: float = 0.0) -> LRPResult:
+    """AttnLRP relevance of ``target`` (default: the predicted class) per pixel and per token cell
+    (``gamma``, ``conv_gamma``: see :func:`lrp_rules`)."""
     check_images(x)
     adapter = adapter_for(model)
     why = refusal(adapter)
     if why is not None:
         raise ExplainError(why)
+    _check_gammas(gamma, conv_gamma)
     tokens = adapter.final_tokens(x.shape[-2], x.shape[-1])  # refuses sizes the model does not take
     x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), lrp_rules(adapter):
+    with torch.enable_grad(), lrp_rules(adapter, gamma=gamma, conv_gamma=conv_gamma):
         logits = adapter.model(x)  # (B, classes)
         if isinstance(logits, (tuple, list)):
             raise ExplainError(f"{type(adapter.model).__name__} returned {len(logits)} outputs; call model.eval().")
@@ -539,14 +558,15 @@ def attnlrp_details(model: nn.Module, x: torch.Tensor,
 
 
 def attnlrp(model: nn.Module, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None, *,
-            per: str = "token") -> torch.Tensor:
+            per: str = "token", gamma: float = 0.0, conv_gamma: float = 0.0) -> torch.Tensor:
     """AttnLRP relevance of ``target``'s logit on images ``x`` (B, C, H, W), signed, not normalised.
 
     ``per="token"``: (B, gh, gw), the relevance of each token cell (the sum over its pixels);
     ``per="pixel"``: (B, H, W), summed over channels. Summed over the image it is the logit minus
-    what biases, embeddings and the softmax rule absorb (see the module docs).
+    what biases, embeddings and the softmax rule absorb (see the module docs). ``gamma`` /
+    ``conv_gamma``: the LRP-gamma rule on linear layers / convolutions (see :func:`lrp_rules`).
     """
     if per not in ("token", "pixel"):
         raise ExplainError(f"per must be 'token' or 'pixel', got {per!r}.")
-    res = attnlrp_details(model, x, target)
+    res = attnlrp_details(model, x, target, gamma=gamma, conv_gamma=conv_gamma)
     return res.grid if per == "token" else res.pixels

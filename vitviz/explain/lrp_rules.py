@@ -18,8 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 from vitviz.errors import ExplainError
 
-__all__ = ["ConstantRowSums", "CosineAttentionRules", "activation_rule", "group_norm_rule", "halve_gradient",
-           "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
+__all__ = ["ConstantRowSums", "CosineAttentionRules", "activation_rule", "gamma_rule", "group_norm_rule",
+           "halve_gradient", "l2_rule", "norm_rule", "scale_input", "scale_output", "scale_returned"]
 
 RMS_NORMS = {"RmsNorm", "RMSNorm"}
 
@@ -143,6 +143,47 @@ class ConstantRowSums(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         return out.detach() if func in (torch.Tensor.sum, torch.sum) else out
+
+
+def gamma_rule(gamma: float, eps: float = 1e-6) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]:
+    """Forward hook for a Linear or convolution: the generalised LRP-gamma rule (Montavon et al. 2019; in the
+    form of Andeol et al. 2021 for inputs of either sign, as zennit's ``Gamma`` computes it).
+
+    Outputs z > 0 share their relevance by ``x+ (w + gamma w+) + x- (w + gamma w-)`` (bias ``b + gamma b+``),
+    outputs z < 0 by ``x+ (w + gamma w-) + x- (w + gamma w+)`` (bias ``b + gamma b-``): contributions of the
+    output's sign are favoured, which takes noise out of the maps. Each denominator is stabilised by ``eps``
+    with its sign. gamma = 0 is the epsilon rule. Forward: the module's own output.
+    """
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]
+        w, b = module.weight, module.bias
+        up, down = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
+        b_up = None if b is None else b + gamma * b.clamp(min=0)
+        b_down = None if b is None else b + gamma * b.clamp(max=0)
+        pos, neg = x.clamp(min=0), x.clamp(max=0)
+        apply = _layer_op(module)
+        z_pos = apply(pos, up, b_up) + apply(neg, down, None)  # the output's shape: shares of z > 0
+        z_neg = apply(pos, down, b_down) + apply(neg, up, None)  # shares of z < 0
+        z = output.detach()
+
+        def ratio(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            d = d.detach()
+            return (z * keep / (d + eps * torch.where(d >= 0, 1.0, -1.0))).to(z.dtype)
+
+        share = z_pos * ratio(z_pos, z > 0) + z_neg * ratio(z_neg, z < 0)
+        return z + (share - share.detach())  # value z; gradient x input = the gamma rule's relevance
+    return hook
+
+
+def _layer_op(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The module's own linear map with other parameters: F.linear, or the convolution with its stride,
+    padding, dilation and groups."""
+    if isinstance(module, nn.Linear):
+        return F.linear
+    if type(module) in (nn.Conv1d, nn.Conv2d):  # subclasses (weight standardisation, 'same' padding) compute more
+        return module._conv_forward
+    raise ExplainError(f"the gamma rule covers Linear layers and plain convolutions, not {type(module).__name__}; "
+                       "set its gamma to 0 for this model.")
 
 
 def group_norm_rule(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

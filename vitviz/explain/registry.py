@@ -298,7 +298,8 @@ def _load_optional() -> None:
     register(Method(
         "attnlrp", "AttnLRP (Achtibat et al. 2024)",
         "Layer-wise relevance propagation with the AttnLRP rules for LayerNorm, softmax, matmul and GELU.",
-        {**_TARGET, "per": "token"}, "vitviz.explain.registry:run_attnlrp", _fixed(1, 1), models="transformer",
+        {**_TARGET, "per": "token", "gamma": 0.0, "conv_gamma": 0.0}, "vitviz.explain.registry:run_attnlrp",
+        _fixed(1, 1), models="transformer",
         check="vitviz.explain.attnlrp:refusal", reference="Achtibat et al., ICML 2024"))
 
 
@@ -308,7 +309,7 @@ def run_attnlrp(_method: str, adapter: Any, x: torch.Tensor, p: dict[str, Any]) 
 
     if p["per"] not in ("token", "pixel"):
         raise ExplainError(f"per must be 'token' or 'pixel', got {p['per']!r}.")
-    res = attnlrp_details(adapter.model, x, p["target"])
+    res = attnlrp_details(adapter.model, x, p["target"], gamma=p["gamma"], conv_gamma=p["conv_gamma"])
     if p["per"] == "pixel":
         return MapResult(res.pixels, res.pixels, res.logits, res.target, (1, 1))
     return MapResult(res.grid, res.grid, res.logits, res.target, res.cell)
