@@ -91,3 +91,26 @@ def test_training_mode_is_kept_and_headless_models_get_eigencam_only(x):
     assert explain(headless, x, "eigencam").shape == (2, 32, 32)
     with pytest.raises(ExplainError, match="no classifier head"):
         explain(headless, x, "gradcam++")
+
+
+def test_the_cam_family_installs_an_opencv_that_needs_no_gl_library():
+    """pytorch-grad-cam pulls in OpenCV: the headless build, whose binaries link no libGL / X11, so the CAM family
+    imports on a server with no graphics libraries."""
+    import importlib.metadata as md
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import cv2
+
+    requires = " ".join(md.requires("grad-cam") or [])
+    assert "opencv-python-headless" in requires, requires
+    installed = {d.metadata["Name"].lower() for d in md.distributions()}
+    assert "opencv-python" not in installed, "the GUI build of OpenCV (it needs libGL) is installed"
+    binaries = sorted(Path(cv2.__file__).parent.glob("*.so"))
+    assert binaries, "no OpenCV binary found"
+    ldd = shutil.which("ldd")
+    if ldd:  # what each binary loads, resolved the way the loader does
+        for so in binaries:
+            deps = subprocess.run([ldd, str(so)], capture_output=True, text=True, check=True).stdout
+            assert not any(name in deps for name in ("libGL.", "libX11.", "libgthread")), (so, deps)

@@ -80,8 +80,8 @@ def test_a_folder_of_images_and_a_timm_model(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for k in range(10):
-        folder = tmp_path / "images" / ("round" if k % 2 else "square")
+    for k in range(10):  # folders named like resnet_digits' classes, so that it has an accuracy here
+        folder = tmp_path / "images" / str(k)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(folder / f"{k}.png")
     (tmp_path / "images" / "notes.txt").write_text("not an image")
@@ -96,7 +96,11 @@ def test_a_folder_of_images_and_a_timm_model(tmp_path):
     vit_vs_resnet = report["cka"][1]
     assert (vit_vs_resnet["a"], vit_vs_resnet["b"]) == ("timm:test_vit", "resnet_digits")
     assert vit_vs_resnet["examples"] == 8 and len(vit_vs_resnet["labels_a"]) == len(vit_vs_resnet["grid"])
-    assert set(report["accuracy"]) == {"timm:test_vit", "resnet_digits"}  # labels came from the class folders
+    # labels come from the class folders "0".."9", resnet_digits' classes; the random timm model's classes are
+    # not those, so it has no accuracy, no lens accuracy (agreement only) and no errors of its own
+    assert set(report["accuracy"]) == {"resnet_digits"}
+    assert report["lens"][0]["accuracy"] is None and report["lens"][0]["agreement"][-1] == 1.0
+    assert report["gallery"] and {row["model"] for row in report["gallery"]} == {"resnet_digits"}
     assert report["probes"] == []  # a folder has no training images
     assert [x["model"] for x in report["lens"]] == ["timm:test_vit"]
     for row in report["gallery"]:  # misclassified by the named model, with every model's prediction

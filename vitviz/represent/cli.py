@@ -165,13 +165,14 @@ def _folder(root: Path, size: int, n: int):
     if not root.is_dir():
         raise ConfigError(f"--images {root}: not a folder of images.")
     exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts)[:n]
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in exts)
+    files = found[:n]
     if len(files) < 4:
         raise ConfigError(f"--images {root}: found {len(files)} images; CKA needs at least 4.")
     arrays = [np.asarray(fit_image(open_image(p), size)) for p in files]  # (S, S, 3) uint8 each
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    classes = sorted({p.parent.name for p in files})
-    labelled = all(p.parent != root for p in files) and len(classes) > 1
+    classes = sorted({p.parent.name for p in found})  # every class folder, whichever images --n takes
+    labelled = all(p.parent != root for p in found) and len(classes) > 1
     labels = torch.tensor([classes.index(p.parent.name) for p in files]) if labelled else None
     return Data(name=root.name, test=images, test_labels=labels, class_names=classes if labelled else [])
 

@@ -25,7 +25,7 @@ import torch
 from vitviz.atomic import write_text_atomic
 from vitviz.errors import ConfigError, VitvizError
 from vitviz.represent.matrix import CKAResult, cka_matrix, world
-from vitviz.represent.subjects import Subject, prepare
+from vitviz.represent.subjects import Subject, prepare, same_classes
 
 __all__ = ["Data", "ReportSpec", "embed_layer_index", "layer_summary", "run_report"]
 
@@ -111,7 +111,9 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
         log(f"probes and logit lens of {s.name}")
         r_test = _readouts(s, data.test, spec.batch_size)
         readouts[s.name] = r_test
-        if data.test_labels is not None:
+        # accuracy and the lens's accuracy mean something only for a model that predicts the data's classes
+        own = data.test_labels is not None and same_classes(s, data.name, data.class_names)
+        if own:
             report["accuracy"][s.name] = float((r_test.pred == data.test_labels).float().mean())
         if data.train is not None and data.train_labels is not None and data.test_labels is not None:
             from vitviz.represent.probes import probe_layers
@@ -120,7 +122,7 @@ def run_report(subjects: list[Subject], data: Data, spec: ReportSpec,
             pr = probe_layers(r_train.features, data.train_labels, r_test.features, data.test_labels,
                               labels=r_test.labels, stages=r_test.stages, name=s.name)
             report["probes"].append(pr.to_dict())
-        lens = _lens(s, r_test, data.test_labels)
+        lens = _lens(s, r_test, data.test_labels if own else None)
         if lens is not None:
             report["lens"].append(lens)
         dist = _distances(s, data.test[: spec.distance_n], spec.batch_size)
@@ -187,6 +189,8 @@ def _readouts(s: Subject, images: torch.Tensor, batch_size: int, lens: bool = Tr
 
 
 def _lens(s: Subject, readouts: Any, labels: torch.Tensor | None) -> dict[str, Any] | None:
+    """The logit lens of one model; its accuracy only when ``labels`` are given (the model predicts the
+    dataset's classes: a timm ImageNet classifier's lens on shapes has agreement, not accuracy)."""
     from vitviz.represent.lens import logit_lens
 
     try:
@@ -219,6 +223,9 @@ def _write_gallery(subjects: list[Subject], data: Data, readouts: dict[str, Any]
                       "<h1>Error gallery</h1><p>Each row: an image the named model got wrong, explained by every "
                       "model (its own prediction).</p>"]
     for k, s in enumerate(subjects):
+        if not same_classes(s, data.name, data.class_names):  # its "errors" would be other classes' indices
+            html.append(f"<h2>{s.name}: its classes are not this data's, so it has no errors to show</h2>")
+            continue
         items = error_gallery(subjects, data.test, data.test_labels, of=k, limit=spec.gallery,
                               pred=readouts[s.name].pred)
         html.append(f"<h2>{s.name}: {len(items)} shown</h2>")

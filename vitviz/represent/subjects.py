@@ -7,6 +7,7 @@ same uint8 images can be fed to models that expect different sizes and normalisa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from vitviz.errors import ConfigError
 
-__all__ = ["Subject", "as_subject", "load_subject", "prepare"]
+__all__ = ["Subject", "as_subject", "load_subject", "prepare", "same_classes"]
 
 
 @dataclass
@@ -98,6 +99,15 @@ def prepare(subject: Subject, images: torch.Tensor) -> torch.Tensor:
     if subject.img_size and tuple(x.shape[-2:]) != (subject.img_size, subject.img_size):
         x = F.interpolate(x, size=(subject.img_size, subject.img_size), mode="bilinear", align_corners=False)
     return x
+
+
+def same_classes(subject: Subject, dataset: str, class_names: Sequence[str]) -> bool:
+    """Whether ``subject`` predicts the classes of ``dataset`` (named ``class_names``), so that its accuracy
+    on that dataset means something: it was trained on it, or its classes are those names in that order
+    (e.g. a CLIP whose prompts are the class names). A model without classes (headless) never does."""
+    if not subject.class_names:
+        return False
+    return subject.dataset == dataset or list(subject.class_names) == list(class_names)
 
 
 def _triple(value: object) -> tuple[float, float, float] | None:
