@@ -268,3 +268,18 @@ def test_the_logit_lens_of_a_prompt_classifier_ends_at_its_logits(clip, x):
     with torch.no_grad():
         torch.testing.assert_close(fp.layers[-1].lens_logits, clip(x), atol=1e-5, rtol=1e-5)
     assert fp.layers[-1].split.prefix == 1 and fp.layers[-1].grid == (4, 4)
+
+
+def test_open_clips_own_log_lines_are_left_out_while_vitviz_loads(caplog):
+    """Random weights were asked for, so open_clip's 'No pretrained weights loaded' warning is noise; the filter
+    that drops it is gone after the call (open_clip's other messages still pass)."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.filters)
+    with caplog.at_level(logging.WARNING):
+        vitviz.create_model(f"open_clip:{ARCH}", prompts=PROMPTS, **TINY)
+        assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()], caplog.records
+        assert root.filters == before
+        logging.warning("No pretrained weights loaded for model 'X'")  # the same words outside the call pass
+    assert any("No pretrained weights" in r.getMessage() for r in caplog.records)

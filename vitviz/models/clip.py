@@ -15,8 +15,10 @@ in the *image* a prompt is seen.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,26 @@ def open_clip_advice(arch: str, tag: str, where: str = "api") -> str:
            f"{WHERE[where]}."
 
 
+class _OpenClipNoise(logging.Filter):
+    """Drops what open_clip logs on the root logger while vitviz loads a model: vitviz says it better itself
+    (random weights were asked for; a failed download becomes a WeightsUnavailableError with advice)."""
+
+    NOISE = ("No pretrained weights loaded for model", "Failed to download weights for tag")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    noise, root = _OpenClipNoise(), logging.getLogger()
+    root.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+
+
 def load_open_clip(arch: str, *, pretrained: str | os.PathLike | None = None, prompts: Sequence[str] | None = None,
                    progress: Callable[[str], None] | None = None, **kwargs: Any) -> PromptClassifier:
     """An open_clip model as a :class:`PromptClassifier` over ``prompts`` (default :data:`DEFAULT_PROMPTS`).
@@ -180,8 +202,9 @@ def load_open_clip(arch: str, *, pretrained: str | os.PathLike | None = None, pr
     if progress is not None:
         progress(f"building open_clip {arch}" + (f" ({tag})" if tag else " (random weights)"))
     try:
-        model = open_clip.create_model(arch, pretrained=str(Path(tag).expanduser()) if tag and Path(
-            tag).expanduser().is_file() else tag, **kwargs)
+        with _quiet_open_clip():
+            model = open_clip.create_model(arch, pretrained=str(Path(tag).expanduser()) if tag and Path(
+                tag).expanduser().is_file() else tag, **kwargs)
     except (OSError, RuntimeError) as err:
         if tag is not None and not Path(tag).expanduser().is_file():
             raise WeightsUnavailableError(
@@ -192,9 +215,12 @@ def load_open_clip(arch: str, *, pretrained: str | os.PathLike | None = None, pr
     try:
         tokenizer = open_clip.get_tokenizer(arch)
     except OSError as err:
+        hub = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+        fetch = (f"`hf download {hub}` on a machine with network puts it into the Hugging Face cache, which runs "
+                 "here find once it is copied to this machine's HF_HOME; or " if hub else "")
         raise WeightsUnavailableError(f"open_clip:{arch}'s tokenizer comes from the Hugging Face Hub, which cannot "
-                                      "be reached; pick a model with the bundled CLIP tokenizer (e.g. ViT-B-32).",
-                                      model_name=f"open_clip:{arch}") from err
+                                      f"be reached. {fetch}pick a model with the bundled CLIP tokenizer "
+                                      "(e.g. ViT-B-32).", model_name=f"open_clip:{arch}") from err
     pre = open_clip.get_model_preprocess_cfg(model)
     size = pre.get("size", 224)
     preprocessing = {"mean": tuple(pre["mean"]), "std": tuple(pre["std"]),
