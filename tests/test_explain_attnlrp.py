@@ -78,7 +78,7 @@ BUILDERS = {
                            layer_scale_init_value=0.5),
     "hf-dinov2-registers": lambda: _hf("Dinov2WithRegisters", num_register_tokens=2),
     "hf-dinov2-swiglu": lambda: _hf("Dinov2", use_swiglu_ffn=True),
-    "hf-clip-prompts": lambda: _clip_prompts(),
+    "hf-clip-prompts": lambda: _dual_prompts(),
     "timm-swin": lambda: _swin(),
     "hf-swin": lambda: _hf("Swin", embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=2),
 }
@@ -139,24 +139,27 @@ def _hf(kind: str, head: str = "ForImageClassification", **kw) -> nn.Module:
     return HFImageModel(hf.eval(), source="test", output="logits", preprocessing={})
 
 
-def _clip_prompts() -> nn.Module:
-    """A Hugging Face CLIP vision tower + projection as a prompt classifier over 4 fixed text embeddings."""
+def _dual_prompts(kind: str = "CLIP", **extra) -> nn.Module:
+    """A Hugging Face CLIP (or SigLIP) image tower (with its projection, or SigLIP's attention-pool head) as a
+    prompt classifier over 4 fixed text embeddings."""
     import transformers
 
     from vitviz.models.clip import PromptClassifier
     from vitviz.models.hf import HFImageModel
 
-    text = transformers.CLIPTextConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, vocab_size=50)
-    vision = _hf_config("CLIPVision")
-    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8)
+    text = getattr(transformers, f"{kind}TextConfig")(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                      intermediate_size=32, vocab_size=50)
+    vision = _hf_config(f"{kind}Vision")
+    config = getattr(transformers, f"{kind}Config")(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    **({"projection_dim": 8} if kind == "CLIP" else {}))
     config._attn_implementation = "eager"
     config.vision_config._attn_implementation = "eager"
-    encoder = HFImageModel(transformers.CLIPModel(config).eval(), source="test", output="image_embeds",
-                           preprocessing={})
-    texts = torch.randn(4, 8, generator=torch.Generator().manual_seed(11))  # (prompts, E)
+    encoder = HFImageModel(getattr(transformers, f"{kind}Model")(config).eval(), source="test",
+                           output="image_embeds", preprocessing={})
+    width = 8 if kind == "CLIP" else 16  # the projection's size, or SigLIP's hidden size
+    texts = torch.randn(4, width, generator=torch.Generator().manual_seed(11))  # (prompts, E)
     return PromptClassifier(encoder, lambda prompts: texts[:len(prompts)], ["a", "b", "c", "d"], logit_scale=10.0,
-                            preprocessing={}, source="test")
+                            preprocessing={}, source="test", **extra)
 
 
 def _distilled() -> nn.Module:
@@ -621,7 +624,8 @@ MORE = {  # name: (builder, input side, absorbing function outputs besides softm
                                                   embed_dim=16, depth=2, num_heads=2, num_classes=4), 32, ()),
     "timm-hybrid-groupnorm": (lambda: _timm("vit_tiny_r_s16_p8_224", img_size=32, patch_size=4, depth=1), 32, ()),
     "open-clip-prompts": (lambda: _open_clip_prompts(), 16, ()),  # torch's nn.MultiheadAttention
-    "hf-siglip-prompts": (lambda: _siglip_prompts(), 16, ()),  # an attention-pool head of nn.MultiheadAttention
+    # SigLIP's attention-pool head is an nn.MultiheadAttention too
+    "hf-siglip-prompts": (lambda: _dual_prompts("Siglip", logit_bias=-2.0), 16, ()),
 }
 
 
@@ -631,24 +635,6 @@ def _open_clip_prompts() -> nn.Module:
     return vitviz.create_model("open_clip:ViT-B-32", prompts=["a", "b", "c", "d"], **cfg)
 
 
-def _siglip_prompts() -> nn.Module:
-    """A Hugging Face SigLIP image tower (its attention-pool head included) as a prompt classifier."""
-    import transformers
-
-    from vitviz.models.clip import PromptClassifier
-    from vitviz.models.hf import HFImageModel
-
-    text = transformers.SiglipTextConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                         intermediate_size=32, vocab_size=50)
-    vision = _hf_config("SiglipVision")
-    config = transformers.SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
-    config._attn_implementation = "eager"
-    config.vision_config._attn_implementation = "eager"
-    encoder = HFImageModel(transformers.SiglipModel(config).eval(), source="test", output="image_embeds",
-                           preprocessing={})
-    texts = torch.randn(4, 16, generator=torch.Generator().manual_seed(11))  # (prompts, E)
-    return PromptClassifier(encoder, lambda prompts: texts[:len(prompts)], ["a", "b", "c", "d"], logit_scale=10.0,
-                            logit_bias=-2.0, preprocessing={}, source="test")
 # Parameters behind an absorbing constant (a position bias MLP, positional scores, a Fourier position encoding):
 # their share is counted once, at the constant.
 _BEHIND_CONSTANTS = ("cpb_mlp.", "pos_proj.", "pos_embed.token_projection.")
