@@ -15,7 +15,10 @@ with 95 % bootstrap intervals), so drift in a shared machine's load cancels out:
                  for the lxt variant only. (``import lxt.efficient`` fails with transformers 5: its BERT map
                  imports ``transformers.modeling_attn_mask_utils``; the torchvision map is loaded on its own.)
 
-Prints each variant's median time and its ratio to the gradient pass, and vitviz / lxt.
+* tv-grad        one forward and one backward of that torchvision ``vit_b_16``, unpatched: lxt's own floor.
+
+Prints each variant's median time and its ratio to timm's gradient pass, vitviz / lxt in time, and what
+each tool's rules add to its own model's gradient pass (vitviz over timm's, lxt over torchvision's).
 
     python benchmarks/bench_attnlrp.py [--repeats 10] [--threads 2]
 """
@@ -44,8 +47,8 @@ def input_gradient(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (x * grad).sum(1)  # (1, H, W)
 
 
-def lxt_variant(x: torch.Tensor) -> Callable[[], object]:
-    """lxt's torchvision ViT-B/16 map, patched in only while the variant runs."""
+def lxt_variant(x: torch.Tensor) -> tuple[Callable[[], object], nn.Module]:
+    """lxt's torchvision ViT-B/16 map, patched in only while the variant runs (and the model it runs)."""
     import lxt
 
     # lxt 2.1's ``lxt.efficient/__init__`` imports its BERT map, which imports a module transformers 5 no longer
@@ -76,7 +79,7 @@ def lxt_variant(x: torch.Tensor) -> Callable[[], object]:
             for cls, fwd in original.items():
                 cls.forward = fwd
 
-    return run
+    return run, model
 
 
 def bootstrap(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -96,10 +99,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
     x = torch.randn(1, 3, 224, 224)
+    lxt_run, tv_model = lxt_variant(x)
     variants: dict[str, Callable[[], object]] = {
         "gradient": lambda: input_gradient(model, x),
         "vitviz": lambda: attnlrp(model, x),
-        "lxt": lxt_variant(x),
+        "tv-grad": lambda: input_gradient(tv_model, x),
+        "lxt": lxt_run,
     }
     for run in variants.values():  # warm-up
         run()
@@ -120,6 +125,15 @@ def main() -> None:
     vs = [a / b for a, b in zip(times["vitviz"], times["lxt"], strict=True)]
     lo, hi = bootstrap(vs)
     print(f"  vitviz / lxt: {statistics.median(vs):.2f} [{lo:.2f}, {hi:.2f}]")
+    # what each tool's rules add to its own model's gradient pass, and the two side by side
+    own = {"vitviz": "gradient", "lxt": "tv-grad"}
+    over = {k: [t / g for t, g in zip(times[k], times[base], strict=True)] for k, base in own.items()}
+    for k, base in own.items():
+        lo, hi = bootstrap(over[k])
+        print(f"  {k} x its own model's gradient ({base}): {statistics.median(over[k]):.2f} [{lo:.2f}, {hi:.2f}]")
+    rel = [a / b for a, b in zip(over["vitviz"], over["lxt"], strict=True)]
+    lo, hi = bootstrap(rel)
+    print(f"  vitviz / lxt, each over its own model's gradient: {statistics.median(rel):.2f} [{lo:.2f}, {hi:.2f}]")
 
 
 if __name__ == "__main__":
