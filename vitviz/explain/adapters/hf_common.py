@@ -35,18 +35,21 @@ def recording_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                         **_kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' eager attention (same inputs, outputs and softmax precision), with the scale applied to q.
 
-    Scaling q (B, heads, N, d) instead of the scores (B, heads, N, N) saves one N x N tensor per layer; with
-    every layer's weights kept, that is what makes recording cost about as much as a plain forward pass
-    (``benchmarks/bench_capture.py``, ``hf-vit``).
+    Scaling q (B, heads, N, d) instead of the scores (B, heads, N, N), and (without gradients) the softmax
+    written over the scores, leave one N x N tensor per layer where the eager path makes three; with every
+    layer's weights kept, that is what recording costs over a plain forward pass
+    (``benchmarks/bench_capture.py``, ``hf-vit`` beside ``hf-eager``).
     """
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scaling, key.transpose(2, 3))  # (B, heads, N, N)
     if attention_mask is not None:
         scores = scores + attention_mask
-    if query.dtype == torch.float32:
-        weights = scores.softmax(dim=-1)
-    else:  # half precision: the softmax in float32, as transformers' eager path computes it
+    if query.dtype != torch.float32:  # half precision: the softmax in float32, as transformers' eager path does
         weights = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    elif scores.requires_grad:
+        weights = scores.softmax(dim=-1)
+    else:  # no gradients: the weights take the scores' memory (one N x N tensor per layer, not two)
+        weights = torch.softmax(scores, dim=-1, out=scores)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, N, heads, d)
     return out, weights
