@@ -26,7 +26,7 @@ On ViT-B/16 it also times the gradient methods against the code others wrote, sa
 Every variant's map is checked against its reference before timing. Capture is checked to run
 the model exactly once on every family.
 
-    python benchmarks/bench_capture.py [--repeats 30] [--threads N]
+    python benchmarks/bench_capture.py [--repeats 30] [--threads N] [--tuned-allocator]
         [--only vit,eva02,swin,dinov2,eva02-s,dinov2-s,hf-vit]
 """
 
@@ -174,14 +174,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", default=",".join(MODELS))
+    p.add_argument("--tuned-allocator", action="store_true",
+                   help="call vitviz.runtime.tune_allocator() first, as the CLI and the dashboard do")
     args = p.parse_args()
     import timm
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = False
+    if args.tuned_allocator:
+        from vitviz.runtime import tune_allocator
+
+        tuned = tune_allocator()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, "
-          "allocator untuned (a plain library process)")
+          + ("allocator tuned (vitviz.runtime.tune_allocator, as the CLI and the dashboard run)" if tuned
+             else "allocator untuned (a plain library process)"))
     summary = []
     for key in args.only.split(","):
         name, _ = MODELS[key]
