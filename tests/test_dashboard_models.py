@@ -113,3 +113,14 @@ def test_bad_prompts_and_offline_clip_weights_are_explained(app):
     app.text_area(key="clip_prompts").input("a dog\na dog").run()
     assert_clean(app)
     assert any("Prompts (sidebar)" in e and "repeated: a dog" in e for e in errors(app)), errors(app)
+
+
+def test_more_prompts_than_bars_says_how_many_are_shown(app, env):
+    prompts = [f"a photo of thing {i}" for i in range(12)]
+    app.button_group(key="model_source").set_value("Hugging Face").run()
+    app.text_input(key="hf_source").input(str(env["clip"])).run()
+    app.text_area(key="hf_prompts").input("\n".join(prompts)).run()
+    assert_clean(app)
+    assert not errors(app), errors(app)
+    assert len([b for b in bars(app) if "a photo of thing" in b]) == 10
+    assert any("The 10 most likely of your 12 prompts are shown." in c.value for c in app.caption)

@@ -82,8 +82,10 @@ def show_prediction(subject: state.Subject, probs) -> None:
     top = ds.topk(probs, info.class_names, k=min(len(info.class_names), 10) if info.prompts else 5)
     st.markdown("##### Prompt probabilities" if info.prompts else "##### Prediction")
     if info.prompts:
+        shown = "" if len(info.class_names) <= len(top) else \
+            f" The {len(top)} most likely of your {len(info.class_names)} prompts are shown."
         st.caption("Softmax over the image's similarity to each prompt: CLIP's zero-shot scores. They are "
-                   "relative to the prompts you typed; add a prompt and they all change.")
+                   f"relative to the prompts you typed; add a prompt and they all change.{shown}")
     for name, p, _ in top:
         st.progress(min(max(p, 0.0), 1.0), text=f"**{name}** — {100 * p:.1f} %")
     if pic.label is not None and pic.label in info.class_names:
